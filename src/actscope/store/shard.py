@@ -1,0 +1,116 @@
+"""The shard format: a valid safetensors file, written in streamed chunks, with a CRC32 per tensor.
+
+Any safetensors reader opens our shards. We write the format ourselves (8-byte header length,
+JSON header, raw data) so that a tensor can be streamed from many batch-sized chunks without
+first concatenating them, and so that each tensor's CRC32 sits in the header metadata: a reader
+can verify exactly the tensors it touches.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Sequence
+
+import numpy as np
+import torch
+
+DTYPE_CODES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.uint8: "U8",
+}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+META_KEY = "actscope"
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy uint8 view of a contiguous CPU tensor (works for bfloat16 too)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+    crc32: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def write_shard(
+    f: BinaryIO,
+    tensors: dict[str, Sequence[torch.Tensor]],
+    metadata: dict | None = None,
+) -> int:
+    """Write ``{name: [chunk, ...]}``; chunks of a name are concatenated along dim 0.
+
+    Returns the number of bytes written. Chunks must be contiguous CPU tensors.
+    """
+    header: dict = {}
+    crcs: dict[str, int] = {}
+    offset = 0
+    for name, chunks in tensors.items():
+        first = chunks[0]
+        rows = sum(int(c.shape[0]) for c in chunks)
+        crc = 0
+        nbytes = 0
+        for c in chunks:
+            buf = as_bytes(c)
+            crc = zlib.crc32(buf, crc)
+            nbytes += buf.nbytes
+        crcs[name] = crc
+        header[name] = {
+            "dtype": DTYPE_CODES[first.dtype],
+            "shape": [rows, *first.shape[1:]],
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    meta = dict(metadata or {})
+    meta["crc32"] = crcs
+    header["__metadata__"] = {META_KEY: json.dumps(meta, sort_keys=True)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for chunks in tensors.values():
+        for c in chunks:
+            f.write(as_bytes(c))
+    return 8 + len(raw) + offset
+
+
+def parse_header(head: bytes, source: str) -> tuple[dict[str, TensorEntry], dict, int]:
+    """Parse a shard header from its first bytes; returns (entries, metadata, header_end).
+
+    ``head`` must hold at least the 8-byte length and the JSON header.
+    """
+    from ..errors import StoreError
+
+    if len(head) < 8:
+        raise StoreError(f"{source}: truncated shard (no header)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > 100_000_000 or len(head) < 8 + n:
+        raise StoreError(f"{source}: corrupted shard header (length {n})")
+    try:
+        header = json.loads(head[8 : 8 + n])
+        meta = json.loads(header.pop("__metadata__", {}).get(META_KEY, "{}"))
+    except (json.JSONDecodeError, AttributeError):
+        raise StoreError(f"{source}: corrupted shard header (not JSON)") from None
+    crcs = meta.get("crc32", {})
+    entries = {}
+    for name, info in header.items():
+        b, e = info["data_offsets"]
+        entries[name] = TensorEntry(
+            CODE_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e, crcs.get(name)
+        )
+    return entries, meta, 8 + n
