@@ -42,7 +42,7 @@ def sites(
     from .models import load_model
 
     m, _ = load_model(model)
-    for name, shape in site_shapes(m, pattern or ["*"], seq_len=seq_len).items():
+    for name, shape in site_shapes(m, pattern or ["**"], seq_len=seq_len).items():
         typer.echo(f"{name}\t{list(shape)}")
 
 

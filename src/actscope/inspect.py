@@ -10,7 +10,7 @@ from .sites import SiteMap
 from .trace import trace
 
 
-def site_shapes(model: Any, patterns: Iterable[str] = ("*",), seq_len: int = 4) -> dict[str, tuple]:
+def site_shapes(model: Any, patterns: Iterable[str] = ("**",), seq_len: int = 4) -> dict[str, tuple]:
     """``{site: shape}`` for sites matching ``patterns`` on a ``[1, seq_len]`` dummy input.
 
     Shapes are as captured, e.g. ``[1, seq, d_model]`` or ``[1, head, query, key]``.

@@ -9,7 +9,6 @@ into ``Site`` objects. Unknown names raise an error that lists the closest valid
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -162,14 +161,15 @@ class SiteMap:
         return [s for s in self.names if s.endswith(tail)][:n] or self.names[:n]
 
     def resolve(self, specs: str | Iterable[str]) -> list[Site]:
-        """Expand names, globs and raw paths into sites, in model order, without duplicates."""
+        """Expand names, globs (see ``glob_regex``) and raw paths into sites, in model order, without duplicates."""
         if isinstance(specs, str):
             specs = [specs]
         chosen: dict[str, Site] = {}
         for spec in specs:
             spec = spec.strip()
             if any(ch in spec for ch in "*?["):
-                hits = [n for n in self.names if fnmatch.fnmatchcase(n, spec)]
+                rx = glob_regex(spec)
+                hits = [n for n in self.names if rx.fullmatch(n)]
                 if not hits:
                     raise SiteError(self._unknown_message(spec, "pattern matches no site"))
                 chosen.update((h, self.sites[h]) for h in hits)
@@ -190,6 +190,23 @@ class SiteMap:
         if layer and int(layer.group(1)) >= self.n_layers:
             return f"{what}: {spec!r}: this model has layers 0..{self.n_layers - 1}"
         return f"{what}: {spec!r}; closest valid sites: {', '.join(self.suggest(spec))}"
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """``*`` matches within one dot-separated part, ``**`` across parts, ``?`` one character.
+
+    So ``blocks.*.hook_*`` means the per-layer top-level hooks, not ``blocks.3.attn.hook_q``.
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        ch = pattern[i]
+        out.append("[^.]*" if ch == "*" else "[^.]" if ch == "?" else re.escape(ch))
+        i += 1
+    return re.compile("".join(out))
 
 
 def _layer_of(path: str, layers_path: str) -> int | None:

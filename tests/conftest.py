@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models with a tiny tokenizer, and the default model (integration)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import VOCAB, tiny_model  # noqa: E402
+
+
+def build_tokenizer():
+    """A 256-token BPE trained on a slice of Python's manual: offline and deterministic."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from actscope.data import default_corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(default_corpus()[:40], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random llama saved as an HF directory, with its tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", max_position_embeddings=256)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from actscope import load_model
+
+    return load_model(str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from actscope import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(0)
+    return torch.randint(3, VOCAB, (2, 9))
