@@ -1,0 +1,264 @@
+"""Streaming, mergeable accumulators (in the spirit of baukit's runningstats).
+
+Each accumulator updates batch by batch with ``update`` and combines with another of the same
+kind via ``merge``, so a corpus can be split across processes and the results merged in any
+order. Memory is O(width) (or O(bins)), never O(tokens). Everything accumulates in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+F64 = torch.float64
+
+
+class Moments:
+    """Count, mean, variance, skewness and kurtosis per channel (Chan/Pebay pairwise merge).
+
+    ``update(x)`` takes ``[tokens, *channels]``.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2 = self.m3 = self.m4 = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to(F64)
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean = x.mean(0)
+        d = x - mean
+        d2 = d * d
+        other = Moments()
+        other.n, other.mean = n, mean
+        other.m2, other.m3, other.m4 = d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
+        self.merge(other)
+
+    def merge(self, o: "Moments") -> "Moments":
+        if o.n == 0:
+            return self
+        if self.n == 0:
+            self.n, self.mean, self.m2, self.m3, self.m4 = o.n, o.mean.clone(), o.m2.clone(), o.m3.clone(), o.m4.clone()
+            return self
+        na, nb = self.n, o.n
+        n = na + nb
+        delta = o.mean - self.mean
+        d2 = delta * delta
+        m2 = self.m2 + o.m2 + d2 * na * nb / n
+        m3 = self.m3 + o.m3 + d2 * delta * na * nb * (na - nb) / n**2 + 3 * delta * (na * o.m2 - nb * self.m2) / n
+        m4 = (
+            self.m4 + o.m4
+            + d2 * d2 * na * nb * (na * na - na * nb + nb * nb) / n**3
+            + 6 * d2 * (na * na * o.m2 + nb * nb * self.m2) / n**2
+            + 4 * delta * (na * o.m3 - nb * self.m3) / n
+        )
+        self.mean = self.mean + delta * nb / n
+        self.n, self.m2, self.m3, self.m4 = n, m2, m3, m4
+        return self
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance (ddof=0), as numpy's default."""
+        return self.m2 / self.n
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    @property
+    def kurtosis(self) -> torch.Tensor:
+        """Excess kurtosis (Fisher), 0 for a Gaussian; 0 where the variance is 0."""
+        m2 = self.m2 / self.n
+        k = (self.m4 / self.n) / (m2 * m2) - 3.0
+        return torch.where(m2 > 0, k, torch.zeros_like(k))
+
+
+class MinMax:
+    """Per-channel min and max with the global token index where each occurred."""
+
+    def __init__(self) -> None:
+        self.min = self.max = self.argmin = self.argmax = None
+
+    def update(self, x: torch.Tensor, offset: int) -> None:
+        """``x`` is ``[tokens, *channels]``; ``offset`` the global index of its first token."""
+        x = x.detach().to(F64)
+        other = MinMax()
+        mn, amn = x.min(0)
+        mx, amx = x.max(0)
+        other.min, other.argmin, other.max, other.argmax = mn, amn + offset, mx, amx + offset
+        self.merge(other)
+
+    def merge(self, o: "MinMax") -> "MinMax":
+        if o.max is None:
+            return self
+        if self.max is None:
+            self.min, self.max, self.argmin, self.argmax = o.min.clone(), o.max.clone(), o.argmin.clone(), o.argmax.clone()
+            return self
+        take = o.max > self.max
+        self.max = torch.where(take, o.max, self.max)
+        self.argmax = torch.where(take, o.argmax, self.argmax)
+        take = o.min < self.min
+        self.min = torch.where(take, o.min, self.min)
+        self.argmin = torch.where(take, o.argmin, self.argmin)
+        return self
+
+
+class Histogram:
+    """Fixed-bin histogram; values outside ``[lo, hi)`` land in the edge bins."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 64) -> None:
+        self.lo, self.hi, self.bins = lo, hi, bins
+        self.counts = torch.zeros(bins, dtype=torch.int64)
+
+    @property
+    def edges(self) -> torch.Tensor:
+        return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=F64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1).to(F64)
+        idx = ((x - self.lo) / (self.hi - self.lo) * self.bins).floor().clamp(0, self.bins - 1).long()
+        self.counts += torch.bincount(idx, minlength=self.bins)
+
+    def merge(self, o: "Histogram") -> "Histogram":
+        assert (o.lo, o.hi, o.bins) == (self.lo, self.hi, self.bins), "histograms need equal bins"
+        self.counts += o.counts
+        return self
+
+
+class QuantileSketch:
+    """Relative-accuracy quantiles of ``|x|`` from log-spaced buckets (the DDSketch idea).
+
+    Any quantile is within a factor ``(1 +/- alpha)`` of the exact value; memory is a fixed
+    number of buckets covering ``[min_value, max_value]``; merging adds counts.
+    """
+
+    def __init__(self, alpha: float = 0.01, min_value: float = 1e-8, max_value: float = 1e8) -> None:
+        self.gamma = (1 + alpha) / (1 - alpha)
+        self.log_gamma = math.log(self.gamma)
+        self.min_value = min_value
+        self.offset = math.floor(math.log(min_value) / self.log_gamma)
+        self.size = math.ceil(math.log(max_value) / self.log_gamma) - self.offset + 1
+        self.counts = torch.zeros(self.size + 1, dtype=torch.int64)  # slot 0: values below min_value
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().reshape(-1).abs().to(F64)
+        idx = torch.zeros_like(a, dtype=torch.int64)
+        big = a >= self.min_value
+        idx[big] = (torch.ceil(torch.log(a[big]) / self.log_gamma) - self.offset).long().clamp(1, self.size)
+        self.counts += torch.bincount(idx, minlength=self.size + 1)
+        self.n += a.numel()
+
+    def merge(self, o: "QuantileSketch") -> "QuantileSketch":
+        self.counts += o.counts
+        self.n += o.n
+        return self
+
+    def quantile(self, q: float) -> float:
+        if self.n == 0:
+            return float("nan")
+        rank = q * (self.n - 1)
+        i = int(torch.searchsorted(self.counts.cumsum(0), torch.tensor(rank, dtype=torch.int64), right=True))
+        if i == 0:
+            return 0.0
+        k = i + self.offset  # bucket covers (gamma^(k-1), gamma^k]: return its midpoint estimate
+        return 2 * self.gamma**k / (self.gamma + 1)
+
+
+class TopK:
+    """The k largest values per channel with their global token indices."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.values: torch.Tensor | None = None  # [k, *channels]
+        self.index: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, offset: int) -> None:
+        x = x.detach().float()
+        k = min(self.k, x.shape[0])
+        v, i = x.topk(k, dim=0)
+        other = TopK(self.k)
+        other.values, other.index = v, i + offset
+        self.merge(other)
+
+    def merge(self, o: "TopK") -> "TopK":
+        if o.values is None:
+            return self
+        if self.values is None:
+            self.values, self.index = o.values.clone(), o.index.clone()
+            return self
+        v = torch.cat([self.values, o.values])
+        i = torch.cat([self.index, o.index])
+        k = min(self.k, v.shape[0])
+        top, pos = v.topk(k, dim=0)
+        self.values, self.index = top, i.gather(0, pos)
+        return self
+
+
+@dataclass
+class Sum:
+    """A running sum of tensors (or floats) plus a count: the simplest mergeable statistic."""
+
+    total: torch.Tensor | float = 0.0
+    n: int = 0
+
+    def update(self, x: torch.Tensor | float, n: int = 1) -> None:
+        x = x.detach().to(F64) if torch.is_tensor(x) else float(x)
+        self.total = self.total + x
+        self.n += n
+
+    def merge(self, o: "Sum") -> "Sum":
+        self.total = self.total + o.total
+        self.n += o.n
+        return self
+
+    @property
+    def mean(self) -> torch.Tensor | float:
+        return self.total / max(self.n, 1)
+
+
+@dataclass
+class DistinctCount:
+    """Approximate number of distinct 64-bit hashes (HyperLogLog, 2^p registers)."""
+
+    p: int = 12
+    registers: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.registers is None:
+            self.registers = torch.zeros(1 << self.p, dtype=torch.int64)
+
+    def update(self, hashes: torch.Tensor) -> None:
+        """``hashes``: int64 tensor of well-mixed 64-bit hashes."""
+        h = hashes.reshape(-1)
+        bucket = (h >> (64 - self.p)) & ((1 << self.p) - 1)
+        rest = (h << self.p) | (1 << (self.p - 1))  # guard bit bounds the run length
+        # rank = leading zeros of the remaining bits + 1
+        rank = torch.zeros_like(rest)
+        probe = rest
+        for _ in range(64 - self.p + 1):
+            top_zero = probe >= 0  # sign bit clear
+            if not bool(top_zero.any()):
+                break
+            rank += top_zero.long()
+            probe = torch.where(top_zero, probe << 1, probe)
+        rank += 1
+        self.registers.scatter_reduce_(0, bucket, rank, reduce="amax")
+
+    def merge(self, o: "DistinctCount") -> "DistinctCount":
+        self.registers = torch.maximum(self.registers, o.registers)
+        return self
+
+    def estimate(self) -> float:
+        m = 1 << self.p
+        alpha = 0.7213 / (1 + 1.079 / m)
+        raw = alpha * m * m / float(torch.pow(2.0, -self.registers.double()).sum())
+        zeros = int((self.registers == 0).sum())
+        if raw <= 2.5 * m and zeros:  # small-range correction (linear counting)
+            return m * math.log(m / zeros)
+        return raw

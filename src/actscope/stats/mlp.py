@@ -1,0 +1,148 @@
+"""MLP activation statistics for one layer: density, sparsity, dead neurons, codes, profiles.
+
+Definitions (METHODS.md, "Measure"); ``a`` is ``blocks.l.mlp.hook_post`` and a neuron is
+*active* when ``|a| > tau``:
+- density at tau: mean over tokens of the active share of ``d_ff`` (exact zeros when tau = 0);
+- token-level sparsity TLS = 1 - density at the primary tau;
+- chunk-level sparsity CLS_L = 1 - |union of active sets over L consecutive tokens| / d_ff;
+- delta sparsity: share of ``|a_t - a_{t-1}| <= tau`` along each sequence;
+- dead neurons: never active on the corpus; rare: active on fewer than ``rare`` of tokens;
+- CETT sparsity: per sampled token, the largest share of neurons (smallest |a| first) that can
+  be dropped while ``||f(a) - f(a_kept)|| / ||f(a) - f(0)|| <= cett_bound``, f the down projection;
+- neural codes: the binary active pattern of each token, hashed; uniqueness = distinct / tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .accum import DistinctCount, MinMax, Moments, TopK
+
+CETT_GRID = torch.arange(0.05, 1.0, 0.05)
+
+
+def hash_rows(active: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash per row of a boolean matrix (wrapping int64 arithmetic, then a mixer)."""
+    h = (active.to(torch.int64) * salt).sum(-1)
+    for shift, mult in ((33, -49064778989728563), (33, -4265267296055464877)):  # splitmix64 finaliser
+        h = (h ^ ((h >> shift) & ((1 << (64 - shift)) - 1))) * mult
+    return h ^ ((h >> 33) & ((1 << 31) - 1))
+
+
+@dataclass
+class MlpLayerStats:
+    d_ff: int
+    taus: tuple[float, ...]
+    tau: float
+    chunk: int = 8
+    topk: int = 5
+    active_at: torch.Tensor = field(init=False)  # [len(taus)] active entries per tau
+    n_tokens: int = 0
+    active_chunks: int = 0
+    n_chunks: int = 0
+    delta_small: int = 0
+    n_deltas: int = 0
+    neuron_active: torch.Tensor = field(init=False)  # [d_ff] tokens on which each neuron is active
+    moments: Moments = field(default_factory=Moments)
+    extremes: MinMax = field(default_factory=MinMax)
+    top: TopK = field(init=False)
+    codes: DistinctCount = field(default_factory=DistinctCount)
+    cett_sum: float = 0.0
+    cett_n: int = 0
+
+    def __post_init__(self) -> None:
+        self.active_at = torch.zeros(len(self.taus), dtype=torch.int64)
+        self.neuron_active = torch.zeros(self.d_ff, dtype=torch.int64)
+        self.top = TopK(self.topk)
+        gen = torch.Generator().manual_seed(1234)
+        self.salt = torch.randint(-(2**62), 2**62, (self.d_ff,), generator=gen, dtype=torch.int64)
+
+    def update(self, a: torch.Tensor, offset: int) -> None:
+        """``a``: ``[batch, seq, d_ff]``; ``offset``: global index of its first token."""
+        B, T, D = a.shape
+        flat = a.reshape(B * T, D)
+        mag = flat.abs()
+        taus = torch.tensor(self.taus, dtype=mag.dtype)
+        # entries above each tau, from one bucketize pass
+        buckets = torch.bucketize(mag, taus)  # = number of taus strictly below |a|
+        hist = torch.bincount(buckets.reshape(-1), minlength=len(self.taus) + 1)
+        self.active_at += hist.flip(0).cumsum(0).flip(0)[1:]
+        active = mag > self.tau
+        self.neuron_active += active.sum(0)
+        self.n_tokens += B * T
+        n_chunks = T // self.chunk
+        if n_chunks:
+            union = active.reshape(B, T, D)[:, : n_chunks * self.chunk]
+            self.active_chunks += int(union.reshape(B, n_chunks, self.chunk, D).any(2).sum())
+            self.n_chunks += B * n_chunks
+        if T > 1:
+            delta = (a[:, 1:] - a[:, :-1]).abs() <= self.tau
+            self.delta_small += int(delta.sum())
+            self.n_deltas += delta.numel()
+        self.moments.update(flat)
+        self.extremes.update(flat, offset)
+        self.top.update(flat, offset)
+        self.codes.update(hash_rows(active, self.salt))
+
+    def update_cett(self, a: torch.Tensor, down: Callable[[torch.Tensor], torch.Tensor], bound: float) -> None:
+        """CETT sparsity on sampled tokens ``a`` ``[n, d_ff]`` (one batched call to ``down``)."""
+        n, D = a.shape
+        if n == 0:
+            return
+        order = a.abs().argsort(dim=1)  # smallest magnitude first
+        grid = CETT_GRID.to(a.dtype)
+        drop = (grid * D).long()  # neurons dropped at each level
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(D).expand(n, D))
+        keep = rank.unsqueeze(0) >= drop.view(-1, 1, 1)  # [levels, n, D]
+        kept = (a.unsqueeze(0) * keep).reshape(-1, D)
+        zero = down(torch.zeros(1, D, dtype=a.dtype))
+        full = down(a)
+        approx = down(kept).reshape(len(grid), n, -1)
+        err = (approx - full).norm(dim=-1) / (full - zero).norm(dim=-1).clamp_min(1e-12)
+        ok = err <= bound  # [levels, n]
+        best = torch.where(ok, grid.view(-1, 1), torch.zeros_like(grid).view(-1, 1)).max(0).values
+        self.cett_sum += float(best.sum())
+        self.cett_n += n
+
+    def merge(self, o: "MlpLayerStats") -> "MlpLayerStats":
+        self.active_at += o.active_at
+        self.n_tokens += o.n_tokens
+        self.active_chunks += o.active_chunks
+        self.n_chunks += o.n_chunks
+        self.delta_small += o.delta_small
+        self.n_deltas += o.n_deltas
+        self.neuron_active += o.neuron_active
+        self.moments.merge(o.moments)
+        self.extremes.merge(o.extremes)
+        self.top.merge(o.top)
+        self.codes.merge(o.codes)
+        self.cett_sum += o.cett_sum
+        self.cett_n += o.cett_n
+        return self
+
+    # --- results --------------------------------------------------------------------------
+    def density(self) -> dict[str, float]:
+        cells = max(self.n_tokens * self.d_ff, 1)
+        return {f"{t:g}": float(c) / cells for t, c in zip(self.taus, self.active_at)}
+
+    def neuron_density(self) -> torch.Tensor:
+        return self.neuron_active.double() / max(self.n_tokens, 1)
+
+    def summary(self, rare: float) -> dict:
+        share = self.neuron_density()
+        density = float(self.neuron_active.sum()) / max(self.n_tokens * self.d_ff, 1)
+        return {
+            "density": self.density(),
+            "tau": self.tau,
+            "token_sparsity": 1.0 - density,
+            f"chunk_sparsity_{self.chunk}": 1.0 - self.active_chunks / max(self.n_chunks * self.d_ff, 1),
+            "delta_sparsity": self.delta_small / max(self.n_deltas, 1),
+            "cett_sparsity": self.cett_sum / self.cett_n if self.cett_n else None,
+            "dead_neurons": int((self.neuron_active == 0).sum()),
+            "rare_neurons": int(((share > 0) & (share < rare)).sum()),
+            "code_uniqueness": min(1.0, self.codes.estimate() / max(self.n_tokens, 1)),
+        }
