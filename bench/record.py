@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -93,7 +92,9 @@ def rss_child(n_tokens: int, folder: str) -> None:
     model, tok = actscope.load_model("default")
     tokens = actscope.load_tokens(None, tok, SEQ, n_tokens)
     actscope.record(model, tok, folder, SITES, tokens=tokens, dtype="bfloat16", batch_size=BATCH, progress=False)
-    print(json.dumps({"tokens": tokens.num_tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report the parent's peak
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print(json.dumps({"tokens": tokens.num_tokens, "peak_rss_mb": hwm / 1024}))
 
 
 def peak_rss(n_tokens: int) -> dict:

@@ -7,6 +7,7 @@ from .data import TokenBatches, load_tokens
 from .inspect import site_shapes
 from .models import load_model
 from .record import record
+from .scan import ScanConfig, scan
 from .sites import Site, SiteMap, resolve_sites
 from .store.reader import ActivationStore, open_store
 from .trace import ActivationCache, trace
@@ -19,6 +20,8 @@ __all__ = [
     "load_tokens",
     "open_store",
     "record",
+    "scan",
+    "ScanConfig",
     "site_shapes",
     "ActscopeError",
     "DataError",

@@ -76,6 +76,36 @@ def record(
         typer.echo(f"store: {out}  ({len(store.sites)} sites x {store.num_tokens} tokens, {store.dtype})")
 
 
+@app.command()
+def scan(
+    model: str = ModelOpt,
+    data: Optional[str] = DataOpt,
+    compare_data: Optional[str] = typer.Option(None, "--compare-data", help="a second corpus to compare with"),
+    out: str = typer.Option("runs/scan", "--out", "-o", help="folder for report.json and report.html"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    max_tokens: Optional[int] = typer.Option(20_000, "--max-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    patterns: bool = typer.Option(True, "--patterns/--no-patterns", help="attention sinks need eager attention"),
+    tau: Optional[float] = typer.Option(None, "--tau", help="activity threshold |a| > tau (default: 0 for ReLU, else 0.01)"),
+    text_field: str = typer.Option("text", "--text-field"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """One streaming pass over a corpus: sparsity, massive activations, sinks, layer use -> JSON + HTML."""
+    from .models import load_model
+    from .scan import scan as run_scan
+
+    m, tok = load_model(model, device=_device(device))
+    report = run_scan(
+        m, tok, data, compare_data=compare_data, seq_len=seq_len, max_tokens=max_tokens,
+        batch_size=batch_size, patterns=patterns, tau=tau, text_field=text_field,
+    )
+    page = report.save(out)
+    for line in report["summary"]:
+        typer.echo(f"- {line}")
+    typer.echo(f"report: {page.resolve()}")
+    typer.echo(f"json:   {(page.parent / 'report.json').resolve()}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="actscope: %(message)s")
     try:

@@ -1,0 +1,134 @@
+"""Dependency-free plots for a self-contained report: PNG heatmaps and SVG line charts.
+
+Heatmaps are encoded as PNG data URIs by hand (zlib + the PNG chunk format), so the report
+needs neither matplotlib nor JavaScript to show them and stays one file that opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import struct
+import zlib
+from typing import Sequence
+
+import torch
+
+# viridis, sampled at 9 points
+_VIRIDIS = torch.tensor([
+    [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
+    [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
+], dtype=torch.float32)
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f"]
+
+
+def colormap(values: torch.Tensor) -> torch.Tensor:
+    """Map values in [0, 1] to uint8 RGB with viridis."""
+    v = values.clamp(0, 1) * (len(_VIRIDIS) - 1)
+    lo = v.floor().long().clamp(max=len(_VIRIDIS) - 2)
+    frac = (v - lo).unsqueeze(-1)
+    rgb = _VIRIDIS[lo] * (1 - frac) + _VIRIDIS[lo + 1] * frac
+    return rgb.round().to(torch.uint8)
+
+
+def png_bytes(rgb: torch.Tensor) -> bytes:
+    """Encode an ``[H, W, 3]`` uint8 tensor as PNG."""
+    h, w, _ = rgb.shape
+    raw = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), rgb.reshape(h, w * 3)], dim=1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.numpy().tobytes(), 9)) + chunk(b"IEND", b"")
+
+
+def heatmap_uri(matrix: torch.Tensor, vmin: float | None = None, vmax: float | None = None,
+                cell: tuple[int, int] = (1, 1)) -> str:
+    """``matrix [rows, cols]`` -> PNG data URI, each cell ``cell = (height, width)`` pixels."""
+    m = matrix.detach().double()
+    lo = float(m.min()) if vmin is None else vmin
+    hi = float(m.max()) if vmax is None else vmax
+    norm = ((m - lo) / (hi - lo if hi > lo else 1.0)).float()
+    rgb = colormap(norm).repeat_interleave(cell[0], 0).repeat_interleave(cell[1], 1)
+    return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode()
+
+
+def heatmap_figure(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, vmin: float | None = None,
+                   vmax: float | None = None, cell: tuple[int, int] = (12, 24), width: int | None = None) -> str:
+    """A heatmap image with a title, axis labels and a colour bar, as an HTML figure."""
+    rows, cols = matrix.shape
+    lo = float(matrix.min()) if vmin is None else vmin
+    hi = float(matrix.max()) if vmax is None else vmax
+    img_w = width or cols * cell[1]
+    img_h = rows * cell[0]
+    bar = heatmap_uri(torch.linspace(0, 1, 100).unsqueeze(0), 0, 1, (10, 2))
+    return (
+        f'<figure class="plot heatmap"><figcaption>{html.escape(title)}</figcaption>'
+        f'<div class="hm"><span class="ylabel">{html.escape(ylabel)} (0 at top, {rows - 1} at bottom)</span>'
+        f'<img alt="{html.escape(title)}" src="{heatmap_uri(matrix, lo, hi, cell)}" width="{img_w}" height="{img_h}"></div>'
+        f'<div class="xlabel">{html.escape(xlabel)} (0 to {cols - 1})</div>'
+        f'<div class="cbar"><span>{lo:.3g}</span><img alt="colour scale" src="{bar}" width="200" height="10"><span>{hi:.3g}</span></div>'
+        "</figure>"
+    )
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    for mult in (1, 2, 5, 10):
+        if (hi - lo) / (step * mult) <= n:
+            step *= mult
+            break
+    start = math.ceil(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step) + 1)]
+
+
+def line_chart(series: dict[str, Sequence[float | None]], title: str, xlabel: str, ylabel: str,
+               width: int = 520, height: int = 260, log: bool = False) -> str:
+    """An SVG line chart of one or more series over a shared integer x axis (e.g. layers)."""
+    pad_l, pad_r, pad_t, pad_b = 56, 12, 10, 36
+    points = {k: [(i, float(v)) for i, v in enumerate(vals) if v is not None and math.isfinite(float(v)) and (not log or float(v) > 0)]
+              for k, vals in series.items()}
+    ys = [y for pts in points.values() for _, y in pts]
+    xs = [x for pts in points.values() for x, _ in pts]
+    if not ys:
+        return f'<figure class="plot"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
+    f = (lambda y: math.log10(y)) if log else (lambda y: y)
+    y_lo, y_hi = min(map(f, ys)), max(map(f, ys))
+    if y_hi == y_lo:
+        y_lo, y_hi = y_lo - 1, y_hi + 1
+    x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1)
+    W, H = width - pad_l - pad_r, height - pad_t - pad_b
+
+    def px(x: float) -> float:
+        return pad_l + (x - x_lo) / (x_hi - x_lo) * W
+
+    def py(y: float) -> float:
+        return pad_t + (1 - (f(y) - y_lo) / (y_hi - y_lo)) * H
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">']
+    parts.append(f'<rect x="{pad_l}" y="{pad_t}" width="{W}" height="{H}" class="frame"/>')
+    for t in _ticks(y_lo, y_hi):
+        y = pad_t + (1 - (t - y_lo) / (y_hi - y_lo)) * H
+        label = f"{10 ** t:.3g}" if log else f"{t:.3g}"
+        parts.append(f'<line x1="{pad_l}" x2="{pad_l + W}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+                     f'<text x="{pad_l - 4}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
+    for t in _ticks(x_lo, x_hi, 10):
+        if float(t).is_integer():
+            parts.append(f'<text x="{px(t):.1f}" y="{pad_t + H + 14}" text-anchor="middle">{int(t)}</text>')
+    parts.append(f'<text x="{pad_l + W / 2}" y="{height - 4}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    parts.append(f'<text x="12" y="{pad_t + H / 2}" text-anchor="middle" transform="rotate(-90 12 {pad_t + H / 2})">{html.escape(ylabel)}</text>')
+    legend = []
+    for k, (name, pts) in enumerate(points.items()):
+        color = PALETTE[k % len(PALETTE)]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        for x, y in pts:
+            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="{color}"><title>{html.escape(name)} @ {x}: {y:.4g}</title></circle>')
+        legend.append(f'<span style="color:{color}">&#9632; {html.escape(name)}</span>')
+    parts.append("</svg>")
+    return (f'<figure class="plot"><figcaption>{html.escape(title)}</figcaption>{"".join(parts)}'
+            f'<div class="legend">{" ".join(legend)}</div></figure>')
