@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip -q --disable-pip-version-check
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/actscope scan --max-tokens 20000 --out runs/demo
 
-test: install
-	$(PY) -m pytest -q -x tests
+# The report test drives a real headless Chromium (Debian package); installed here when root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    else echo "note: install Chromium for the HTML report test (apt-get install chromium)"; fi; }
+
+test: install browser
+	$(PY) -m pytest -q tests
 
 bench: install
 	$(PIP) install -e '.[bench]'

@@ -56,7 +56,7 @@ def record(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many tokens"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16"),
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
-    shard_mb: float = typer.Option(256, "--shard-mb", help="target shard size in MiB"),
+    shard_mb: float = typer.Option(64, "--shard-mb", help="target shard size in MiB (at least one batch)"),
     text_field: str = typer.Option("text", "--text-field", help="JSONL/Parquet text field"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a store recorded differently"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),

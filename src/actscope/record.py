@@ -55,9 +55,10 @@ def data_fingerprint(tokens: TokenBatches) -> str:
     return hashlib.sha256(tokens.input_ids.numpy().tobytes()).hexdigest()[:16]
 
 
-def probe_shapes(model: Any, sites: list[Site], first: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """Per-token shape of each site, from one forward pass on the first sequence.
+def probe_shapes(model: Any, sites: list[Site], first: torch.Tensor, seq_len: int) -> dict[str, tuple[int, ...]]:
+    """Per-token shape of each site, from one forward pass on a few tokens.
 
+    Only the key axis of attention patterns depends on the length; it is set to ``seq_len``.
     This also fails early, before anything is written, if a site never fires.
     """
     from .trace import trace
@@ -65,7 +66,8 @@ def probe_shapes(model: Any, sites: list[Site], first: torch.Tensor) -> dict[str
     shapes: dict[str, tuple[int, ...]] = {}
 
     def keep(site: Site, x: torch.Tensor) -> None:
-        shapes[site.name] = tuple(token_major(site, x, first.shape[0]).shape[1:])
+        shape = tuple(token_major(site, x, first.shape[0]).shape[1:])
+        shapes[site.name] = (*shape[:-1], seq_len) if site.needs_eager_attention else shape
 
     with torch.inference_mode(), trace(model, sites, on_activation=keep):
         model(input_ids=first.to(model.device), use_cache=False)
@@ -73,10 +75,14 @@ def probe_shapes(model: Any, sites: list[Site], first: torch.Tensor) -> dict[str
 
 
 def _plan(shapes: dict[str, tuple[int, ...]], itemsize: int, seq_len: int, batch_size: int, shard_mb: float) -> int:
-    """Sequences per shard: about ``shard_mb`` MiB, a whole number of batches when possible."""
+    """Sequences per shard: a whole number of batches (at least one), about ``shard_mb`` MiB.
+
+    Whole batches keep the batch composition, and so the exact values, independent of the
+    shard size.
+    """
     per_seq = seq_len * itemsize * sum(math.prod(s) for s in shapes.values())
-    spb = max(1, int(shard_mb * 2**20 // max(per_seq, 1)))
-    return spb - spb % batch_size if spb >= batch_size else spb
+    spb = int(shard_mb * 2**20 // max(per_seq, 1))
+    return max(batch_size, spb - spb % batch_size)
 
 
 def _check_existing(loc: Location, manifest: dict, existing: dict | None, overwrite: bool) -> dict:
@@ -130,7 +136,7 @@ def record(
     max_tokens: int | None = None,
     dtype: str = "bfloat16",
     batch_size: int = 8,
-    shard_mb: float = 256,
+    shard_mb: float = 64,
     overwrite: bool = False,
     progress: bool = True,
     text_field: str = "text",
@@ -151,7 +157,7 @@ def record(
     resolved = SiteMap(model).resolve(sites)
     if tokens is None:
         tokens = load_tokens(data, tokenizer, seq_len, max_tokens, text_field)
-    shapes = probe_shapes(model, resolved, tokens.input_ids[:1])
+    shapes = probe_shapes(model, resolved, tokens.input_ids[:1, :8], tokens.seq_len)
     itemsize = torch.empty((), dtype=store_dtype).element_size()
     spb = _plan(shapes, itemsize, seq_len, batch_size, shard_mb)
     manifest = {

@@ -100,13 +100,17 @@ def corpus_section(scanner, st) -> dict:
 
 
 def compare_sections(a: dict, b: dict) -> dict:
-    """Heads dormant on one corpus and active on the other; per-layer sparsity differences."""
+    """Heads dormant on one corpus and active on the other; per-layer sparsity differences.
+
+    A head is active-dormant when it is dormant on at least half the sequences of one corpus
+    and its dormant rates on the two corpora differ by at least 0.5.
+    """
     out: dict[str, Any] = {"active_dormant_heads": [], "sparsity_difference": []}
     if a["attention_sinks"].get("enabled") and b["attention_sinks"].get("enabled"):
         for la, lb in zip(a["attention_sinks"]["per_layer"], b["attention_sinks"]["per_layer"]):
             for ha, hb in zip(la["heads"], lb["heads"]):
                 ra, rb = ha["dormant_rate"], hb["dormant_rate"]
-                if (ra >= 0.5 and rb <= 0.2) or (rb >= 0.5 and ra <= 0.2):
+                if max(ra, rb) >= 0.5 and abs(ra - rb) >= 0.5:
                     out["active_dormant_heads"].append({
                         "layer": la["layer"], "head": ha["head"], "dormant_rate_main": ra, "dormant_rate_compare": rb,
                         "dormant_on": "main" if ra > rb else "compare",

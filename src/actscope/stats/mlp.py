@@ -25,11 +25,9 @@ CETT_GRID = torch.arange(0.05, 1.0, 0.05)
 
 
 def hash_rows(active: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
-    """A 64-bit hash per row of a boolean matrix (wrapping int64 arithmetic, then a mixer)."""
-    h = (active.to(torch.int64) * salt).sum(-1)
-    for shift, mult in ((33, -49064778989728563), (33, -4265267296055464877)):  # splitmix64 finaliser
-        h = (h ^ ((h >> shift) & ((1 << (64 - shift)) - 1))) * mult
-    return h ^ ((h >> 33) & ((1 << 31) - 1))
+    """A 64-bit hash per row of a boolean matrix: a random-weighted sum (wrapping int64);
+    DistinctCount mixes it further."""
+    return (active.to(torch.int64) * salt).sum(-1)
 
 
 @dataclass
