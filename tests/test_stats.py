@@ -12,8 +12,8 @@ from actscope.stats import DistinctCount, Histogram, MinMax, Moments, QuantileSk
 @pytest.fixture
 def data():
     g = torch.Generator().manual_seed(0)
-    x = torch.empty(3000, 7).exponential_(generator=g) * torch.tensor([1, 2, 3, 0.1, 10, 1, 5]) - 1.5
-    return x
+    x = torch.empty(3000, 7, dtype=torch.float64).exponential_(generator=g)
+    return x * torch.tensor([1, 2, 3, 0.1, 10, 1, 5], dtype=torch.float64) - 1.5
 
 
 def _chunks(x, sizes):
@@ -57,6 +57,15 @@ def test_moments_match_numpy_in_any_merge_order(data, order):
     np.testing.assert_allclose(acc.mean.numpy(), mean, rtol=1e-10)
     np.testing.assert_allclose(acc.var.numpy(), var, rtol=1e-10)
     np.testing.assert_allclose(acc.kurtosis.numpy(), kurt, rtol=1e-9)
+
+
+def test_moments_of_float32_batches_are_close(data):
+    acc = Moments()
+    for c, _ in _chunks(data.float(), [1000, 1000]):
+        acc.update(c)
+    x = data.float().double().numpy()
+    np.testing.assert_allclose(acc.var.numpy(), x.var(0), rtol=1e-5)
+    np.testing.assert_allclose(acc.kurtosis.numpy(), ((x - x.mean(0)) ** 4).mean(0) / x.var(0) ** 2 - 3, rtol=1e-4)
 
 
 def test_minmax_and_topk_keep_global_positions(data):

@@ -42,9 +42,10 @@ class ScanConfig:
     massive_ratio: float = 1000.0
     dormant_threshold: float = 0.9
     secondary_threshold: float = 0.3
-    lens_samples: int = 4
+    lens_samples: int = 2
     skip_tokens: int = 32
     topk: int = 5
+    profile_every: int = 4  # per-neuron moments and delta sparsity on every n-th sequence
     seed: int = 0
     text_field: str = "text"
 
@@ -115,7 +116,7 @@ class Scanner:
                                        cfg.dormant_threshold, cfg.secondary_threshold)
         return CorpusStats(
             tokens=tokens,
-            mlp=[MlpLayerStats(d_ff, self.taus, self.tau, cfg.chunk, cfg.topk) for _ in range(self.n_layers)],
+            mlp=[MlpLayerStats(d_ff, self.taus, self.tau, cfg.chunk, cfg.topk, cfg.profile_every) for _ in range(self.n_layers)],
             massive=MassiveTracker(cfg.massive_abs, cfg.massive_ratio),
             layers=LayerUse(self.n_layers),
             attention=attention,
@@ -145,44 +146,51 @@ class Scanner:
 
     def _consume(self, st: CorpusStats, acts: dict, ids: torch.Tensor, logits: Any, offset: int, rng: random.Random) -> None:
         B, T = ids.shape
-        flat_ids = ids.reshape(-1)
         sample = torch.tensor(rng.sample(range(B * T), min(self.cfg.lens_samples, B * T)), dtype=torch.long)
         final = logits.reshape(B * T, -1)[sample] if logits is not None else None
         if st.attention is not None:
             st.attention.count_tokens(ids)
         h_in = acts["blocks.0.hook_resid_pre"]
+        lens_inputs = []
         for l in range(self.n_layers):
             p = f"blocks.{l}."
             h_out = acts[p + "hook_resid_post"]
             st.layers.update(l, h_in, h_out, acts.get(p + "hook_attn_out"), acts.get(p + "hook_mlp_out"), self.parallel)
             st.massive.update(l, h_out, ids, offset)
             a = acts[p + "mlp.hook_post"]
-            st.mlp[l].update(a, offset)
+            st.mlp[l].update(a, offset, offset // T)
             st.mlp[l].update_cett(a.reshape(B * T, -1)[sample].float(), self.down[l], self.cfg.cett_bound)
-            if final is not None and self.final_norm is not None and self.unembed is not None:
-                lens = self.unembed(self.final_norm(h_out.reshape(B * T, -1)[sample]))
-                st.layers.update_lens(l, kl_to_final(final, lens))
+            lens_inputs.append(h_out.reshape(B * T, -1)[sample])
             if st.attention is not None:
                 st.attention.update(l, acts[p + "attn.hook_pattern"], ids, acts.get(p + "attn.hook_v"), h_in)
             h_in = h_out
-        del flat_ids
+        if final is not None and self.final_norm is not None and self.unembed is not None:
+            # one unembedding call for all layers: the matrix is read once per batch, not per layer
+            lens = self.unembed(self.final_norm(torch.cat(lens_inputs))).reshape(self.n_layers, len(sample), -1)
+            for l in range(self.n_layers):
+                st.layers.update_lens(l, kl_to_final(final, lens[l]))
 
     def _skip_layers(self, st: CorpusStats, tokens: TokenBatches) -> None:
-        """Output KL when each layer is skipped (its output replaced by its input)."""
+        """Output KL when each layer is skipped (its output replaced by its input).
+
+        One forward pass does all layers: row l of a batch of copies skips layer l, and the
+        last row is the unmodified baseline (rows never interact).
+        """
         n = min(self.cfg.skip_tokens, tokens.seq_len)
-        if n < 2 or not hasattr(self.model, "get_output_embeddings"):
+        if n < 2 or self.unembed is None:
             return
-        ids = tokens.input_ids[:1, :n].to(self.model.device)
+        L = self.n_layers
+        batch = tokens.input_ids[:1, :n].expand(L + 1, n).to(self.model.device)
         layers = self.modules[self.site_map.layers_path]
-        with torch.inference_mode():
-            base = self.model(input_ids=ids, use_cache=False).logits[0]
-            for l in range(self.n_layers):
-                handle = layers[l].register_forward_hook(_identity_output, with_kwargs=True)
-                try:
-                    skipped = self.model(input_ids=ids, use_cache=False).logits[0]
-                finally:
-                    handle.remove()
-                st.layers.skip_kl[l] = float(kl_to_final(base, skipped).mean())
+        handles = [layers[l].register_forward_hook(_skip_row(l), with_kwargs=True) for l in range(L)]
+        try:
+            with torch.inference_mode():
+                logits = self.model(input_ids=batch, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        for l in range(L):
+            st.layers.skip_kl[l] = float(kl_to_final(logits[L], logits[l]).mean())
 
     def logit_lens_view(self, tokens: TokenBatches, n_positions: int = 8, top: int = 3) -> dict:
         """Top tokens per layer at a few positions of the first sequence."""
@@ -213,9 +221,16 @@ class Scanner:
         }
 
 
-def _identity_output(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+def _skip_row(row: int):
+    """A forward hook that makes the layer an identity for batch row ``row`` only."""
+
+    def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = (output[0] if isinstance(output, tuple) else output).clone()
+        out[row] = hidden[row]
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    return hook
 
 
 def scan(

@@ -67,7 +67,7 @@ def _neurons(scanner, st, per_layer: int = 3) -> list[dict]:
     """The most extreme neurons of each layer (by max activation), with top contexts."""
     rows = []
     for l, m in enumerate(st.mlp):
-        mx = m.extremes.max
+        mx = m.max
         for n in mx.topk(min(per_layer, mx.numel())).indices.tolist():
             contexts = [
                 {**_context(st.tokens, idx, scanner.decode), "value": float(v)}
@@ -129,7 +129,8 @@ def build_report(scanner, main, other=None) -> "ScanReport":
     report: dict[str, Any] = {
         "actscope_version": __version__,
         "model": {
-            "name": getattr(model, "actscope_name", None) or getattr(model.config, "_name_or_path", ""),
+            "name": getattr(model, "actscope_name", None) or getattr(model.config, "_name_or_path", "")
+            or scanner.site_map.model_type,
             "model_type": scanner.site_map.model_type,
             "n_layers": scanner.n_layers,
             "n_heads": scanner.site_map.dims.n_heads,
@@ -147,7 +148,7 @@ def build_report(scanner, main, other=None) -> "ScanReport":
         "neuron_density": torch.stack([m.neuron_density() for m in main.mlp]).float(),
         "neuron_mean": torch.stack([m.moments.mean for m in main.mlp]).float(),
         "neuron_std": torch.stack([m.moments.std for m in main.mlp]).float(),
-        "neuron_max": torch.stack([m.extremes.max for m in main.mlp]).float(),
+        "neuron_max": torch.stack([m.max for m in main.mlp]).float(),
         "neuron_kurtosis": torch.stack([m.moments.kurtosis for m in main.mlp]).float(),
     }
     if main.attention is not None:

@@ -33,7 +33,7 @@ def summarize(r: dict) -> list[str]:
         )
         dormant = r.get("dormant_heads") or []
         lines.append(
-            f"{len(dormant)} heads are dormant (>{att['dormant_threshold']:.0%} of their attention on the sink) "
+            f"{len(dormant)} head{'s are' if len(dormant) != 1 else ' is'} dormant (>{att['dormant_threshold']:.0%} of their attention on the sink) "
             "on at least half of the sequences." if dormant else "No head is dormant on most sequences."
         )
         if att.get("secondary_sinks"):
@@ -55,8 +55,8 @@ def summarize(r: dict) -> list[str]:
         least = min(use, key=lambda u: u["skip_kl"])
         most = max(use, key=lambda u: u["skip_kl"])
         lines.append(
-            f"Skipping layer {least['layer']} changes the output least (KL {least['skip_kl']:.3f}); "
-            f"skipping layer {most['layer']} most (KL {most['skip_kl']:.2f})."
+            f"Skipping layer {least['layer']} changes the output least (KL {least['skip_kl']:.3g}); "
+            f"skipping layer {most['layer']} most (KL {most['skip_kl']:.3g})."
         )
     comp = r.get("comparison")
     if comp is not None:

@@ -18,7 +18,9 @@ F64 = torch.float64
 class Moments:
     """Count, mean, variance, skewness and kurtosis per channel (Chan/Pebay pairwise merge).
 
-    ``update(x)`` takes ``[tokens, *channels]``.
+    ``update(x)`` takes ``[tokens, *channels]``. A batch's central moments are computed in the
+    input's dtype (float32 is enough within a batch and twice as fast); running totals are
+    float64. Pass float64 batches for results exact to numpy's float64.
     """
 
     def __init__(self) -> None:
@@ -27,7 +29,9 @@ class Moments:
         self.m2 = self.m3 = self.m4 = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(F64)
+        x = x.detach()
+        if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         n = x.shape[0]
         if n == 0:
             return
@@ -35,8 +39,8 @@ class Moments:
         d = x - mean
         d2 = d * d
         other = Moments()
-        other.n, other.mean = n, mean
-        other.m2, other.m3, other.m4 = d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
+        other.n, other.mean = n, mean.to(F64)
+        other.m2, other.m3, other.m4 = d2.sum(0).to(F64), (d2 * d).sum(0).to(F64), (d2 * d2).sum(0).to(F64)
         self.merge(other)
 
     def merge(self, o: "Moments") -> "Moments":
@@ -86,11 +90,11 @@ class MinMax:
 
     def update(self, x: torch.Tensor, offset: int) -> None:
         """``x`` is ``[tokens, *channels]``; ``offset`` the global index of its first token."""
-        x = x.detach().to(F64)
+        x = x.detach()
         other = MinMax()
         mn, amn = x.min(0)
         mx, amx = x.max(0)
-        other.min, other.argmin, other.max, other.argmax = mn, amn + offset, mx, amx + offset
+        other.min, other.argmin, other.max, other.argmax = mn.to(F64), amn + offset, mx.to(F64), amx + offset
         self.merge(other)
 
     def merge(self, o: "MinMax") -> "MinMax":
@@ -181,6 +185,18 @@ class TopK:
     def update(self, x: torch.Tensor, offset: int) -> None:
         x = x.detach().float()
         k = min(self.k, x.shape[0])
+        if self.values is not None and self.values.shape[0] == self.k and x.dim() == 2:
+            # fast path: only channels whose batch maximum beats their current k-th value
+            cols = (x.amax(0) > self.values[-1]).nonzero().reshape(-1)
+            if cols.numel() == 0:
+                return
+            v, i = x[:, cols].topk(k, dim=0)
+            merged_v = torch.cat([self.values[:, cols], v])
+            merged_i = torch.cat([self.index[:, cols], i + offset])
+            top, pos = merged_v.topk(self.k, dim=0)
+            self.values[:, cols] = top
+            self.index[:, cols] = merged_i.gather(0, pos)
+            return
         v, i = x.topk(k, dim=0)
         other = TopK(self.k)
         other.values, other.index = v, i + offset
@@ -245,16 +261,9 @@ class DistinctCount:
         h = mix64(hashes.reshape(-1))
         bucket = (h >> (64 - self.p)) & ((1 << self.p) - 1)
         rest = (h << self.p) | (1 << (self.p - 1))  # guard bit bounds the run length
-        # rank = leading zeros of the remaining bits + 1
-        rank = torch.zeros_like(rest)
-        probe = rest
-        for _ in range(64 - self.p + 1):
-            top_zero = probe >= 0  # sign bit clear
-            if not bool(top_zero.any()):
-                break
-            rank += top_zero.long()
-            probe = torch.where(top_zero, probe << 1, probe)
-        rank += 1
+        # rank = leading zeros + 1; the exponent of the float value gives the highest set bit
+        _, exponent = torch.frexp(rest.double())
+        rank = torch.where(rest < 0, torch.ones_like(rest), 65 - exponent.long())
         self.registers.scatter_reduce_(0, bucket, rank, reduce="amax")
 
     def merge(self, o: "DistinctCount") -> "DistinctCount":

@@ -3,9 +3,11 @@
 Definitions (METHODS.md, "Measure"); ``a`` is ``blocks.l.mlp.hook_post`` and a neuron is
 *active* when ``|a| > tau``:
 - density at tau: mean over tokens of the active share of ``d_ff`` (exact zeros when tau = 0);
+  at the primary tau over all tokens, at the other taus over the profiled sequences;
 - token-level sparsity TLS = 1 - density at the primary tau;
 - chunk-level sparsity CLS_L = 1 - |union of active sets over L consecutive tokens| / d_ff;
-- delta sparsity: share of ``|a_t - a_{t-1}| <= tau`` along each sequence;
+- delta sparsity: share of ``|a_t - a_{t-1}| <= tau`` along each sequence (on every
+  ``profile_every``-th sequence, like the per-neuron moments: they cost the most passes);
 - dead neurons: never active on the corpus; rare: active on fewer than ``rare`` of tokens;
 - CETT sparsity: per sampled token, the largest share of neurons (smallest |a| first) that can
   be dropped while ``||f(a) - f(a_kept)|| / ||f(a) - f(0)|| <= cett_bound``, f the down projection;
@@ -19,15 +21,25 @@ from typing import Callable
 
 import torch
 
-from .accum import DistinctCount, MinMax, Moments, TopK
+from .accum import DistinctCount, Moments, TopK
 
 CETT_GRID = torch.arange(0.05, 1.0, 0.05)
 
 
+_BIT = 1 << torch.arange(8, dtype=torch.uint8)
+
+
 def hash_rows(active: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
-    """A 64-bit hash per row of a boolean matrix: a random-weighted sum (wrapping int64);
-    DistinctCount mixes it further."""
-    return (active.to(torch.int64) * salt).sum(-1)
+    """A 64-bit hash per row of a boolean matrix, exact on the bits: rows are packed into
+    64-bit words, which are combined with random odd weights (wrapping int64 arithmetic).
+    DistinctCount mixes the result further."""
+    n, d = active.shape
+    pad = -d % 64
+    if pad:
+        active = torch.nn.functional.pad(active, (0, pad))
+    packed = (active.reshape(n, -1, 8).view(torch.uint8) * _BIT).sum(-1, dtype=torch.uint8)
+    words = packed.view(torch.int64)  # [n, ceil(d / 64)]
+    return (words * salt[: words.shape[1]]).sum(-1)
 
 
 @dataclass
@@ -37,16 +49,17 @@ class MlpLayerStats:
     tau: float
     chunk: int = 8
     topk: int = 5
+    profile_every: int = 4  # per-neuron moments and delta sparsity use every n-th sequence
     active_at: torch.Tensor = field(init=False)  # [len(taus)] active entries per tau
     n_tokens: int = 0
+    profiled_tokens: int = 0
     active_chunks: int = 0
     n_chunks: int = 0
     delta_small: int = 0
     n_deltas: int = 0
     neuron_active: torch.Tensor = field(init=False)  # [d_ff] tokens on which each neuron is active
     moments: Moments = field(default_factory=Moments)
-    extremes: MinMax = field(default_factory=MinMax)
-    top: TopK = field(init=False)
+    top: TopK = field(init=False)  # its first row is each neuron's maximum
     codes: DistinctCount = field(default_factory=DistinctCount)
     cett_sum: float = 0.0
     cett_n: int = 0
@@ -56,34 +69,42 @@ class MlpLayerStats:
         self.neuron_active = torch.zeros(self.d_ff, dtype=torch.int64)
         self.top = TopK(self.topk)
         gen = torch.Generator().manual_seed(1234)
-        self.salt = torch.randint(-(2**62), 2**62, (self.d_ff,), generator=gen, dtype=torch.int64)
+        self.salt = torch.randint(-(2**62), 2**62, ((self.d_ff + 63) // 64,), generator=gen, dtype=torch.int64) | 1
 
-    def update(self, a: torch.Tensor, offset: int) -> None:
-        """``a``: ``[batch, seq, d_ff]``; ``offset``: global index of its first token."""
+    def update(self, a: torch.Tensor, offset: int, seq_index: int = 0) -> None:
+        """``a``: ``[batch, seq, d_ff]``; ``offset``: global index of its first token;
+        ``seq_index``: global index of its first sequence (selects the profiled sequences)."""
+        for start in range(0, a.shape[0], 4):  # 4 sequences at a time stay in cache across passes
+            self._update(a[start : start + 4], offset + start * a.shape[1], seq_index + start)
+
+    def _update(self, a: torch.Tensor, offset: int, seq_index: int) -> None:
         B, T, D = a.shape
         flat = a.reshape(B * T, D)
         mag = flat.abs()
-        taus = torch.tensor(self.taus, dtype=mag.dtype)
-        # entries above each tau, from one bucketize pass
-        buckets = torch.bucketize(mag, taus)  # = number of taus strictly below |a|
-        hist = torch.bincount(buckets.reshape(-1), minlength=len(self.taus) + 1)
-        self.active_at += hist.flip(0).cumsum(0).flip(0)[1:]
         active = mag > self.tau
         self.neuron_active += active.sum(0)
         self.n_tokens += B * T
         n_chunks = T // self.chunk
         if n_chunks:
             union = active.reshape(B, T, D)[:, : n_chunks * self.chunk]
-            self.active_chunks += int(union.reshape(B, n_chunks, self.chunk, D).any(2).sum())
+            chunks = union.reshape(B, n_chunks, self.chunk, D).view(torch.uint8).amax(2)  # any(), faster
+            self.active_chunks += int(torch.count_nonzero(chunks))
             self.n_chunks += B * n_chunks
-        if T > 1:
-            delta = (a[:, 1:] - a[:, :-1]).abs() <= self.tau
-            self.delta_small += int(delta.sum())
-            self.n_deltas += delta.numel()
-        self.moments.update(flat)
-        self.extremes.update(flat, offset)
         self.top.update(flat, offset)
         self.codes.update(hash_rows(active, self.salt))
+        rows = [b for b in range(B) if (seq_index + b) % self.profile_every == 0]
+        if not rows:
+            return
+        sub = a[rows[0] :: self.profile_every] if len(rows) > 1 else a[rows[0] : rows[0] + 1]
+        sub_flat = sub.reshape(-1, D)
+        self.moments.update(sub_flat)
+        sub_mag = sub_flat.abs()
+        self.active_at += torch.tensor([int(torch.count_nonzero(sub_mag > t)) for t in self.taus])
+        self.profiled_tokens += sub_flat.shape[0]
+        if T > 1:
+            delta = (sub[:, 1:] - sub[:, :-1]).abs() <= self.tau
+            self.delta_small += int(torch.count_nonzero(delta))
+            self.n_deltas += delta.numel()
 
     def update_cett(self, a: torch.Tensor, down: Callable[[torch.Tensor], torch.Tensor], bound: float) -> None:
         """CETT sparsity on sampled tokens ``a`` ``[n, d_ff]`` (one batched call to ``down``)."""
@@ -97,7 +118,7 @@ class MlpLayerStats:
         rank.scatter_(1, order, torch.arange(D).expand(n, D))
         keep = rank.unsqueeze(0) >= drop.view(-1, 1, 1)  # [levels, n, D]
         kept = (a.unsqueeze(0) * keep).reshape(-1, D)
-        zero = down(torch.zeros(1, D, dtype=a.dtype))
+        zero = down(a[:1] * 0)
         full = down(a)
         approx = down(kept).reshape(len(grid), n, -1)
         err = (approx - full).norm(dim=-1) / (full - zero).norm(dim=-1).clamp_min(1e-12)
@@ -109,13 +130,13 @@ class MlpLayerStats:
     def merge(self, o: "MlpLayerStats") -> "MlpLayerStats":
         self.active_at += o.active_at
         self.n_tokens += o.n_tokens
+        self.profiled_tokens += o.profiled_tokens
         self.active_chunks += o.active_chunks
         self.n_chunks += o.n_chunks
         self.delta_small += o.delta_small
         self.n_deltas += o.n_deltas
         self.neuron_active += o.neuron_active
         self.moments.merge(o.moments)
-        self.extremes.merge(o.extremes)
         self.top.merge(o.top)
         self.codes.merge(o.codes)
         self.cett_sum += o.cett_sum
@@ -124,8 +145,12 @@ class MlpLayerStats:
 
     # --- results --------------------------------------------------------------------------
     def density(self) -> dict[str, float]:
-        cells = max(self.n_tokens * self.d_ff, 1)
+        cells = max(self.profiled_tokens * self.d_ff, 1)
         return {f"{t:g}": float(c) / cells for t, c in zip(self.taus, self.active_at)}
+
+    @property
+    def max(self) -> torch.Tensor:
+        return self.top.values[0].double()
 
     def neuron_density(self) -> torch.Tensor:
         return self.neuron_active.double() / max(self.n_tokens, 1)
