@@ -27,7 +27,7 @@ from .models import context_length, parse_dtype
 from .sites import Site, SiteMap
 from .store.fs import TMP_MARK, Location
 from .store.reader import FORMAT, SHARDS, ActivationStore, open_store, read_manifest, shard_index, shard_name
-from .store.writer import PendingShard, ShardWriter, site_entries, write_header_files
+from .store.writer import BufferPool, PendingShard, ShardWriter, site_entries, write_header_files
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +225,15 @@ def _record_shards(
     buffers: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     rows = [0]
 
+    pool = BufferPool()
+
     def collect(site: Site, x: torch.Tensor) -> None:
         y = token_major(site, x, rows[0])
-        buffers[site.name].append(
-            y.to("cpu", store_dtype, copy=True, memory_format=torch.contiguous_format)
-        )
+        buf = pool.take(y.shape, store_dtype)
+        buf.copy_(y)  # converts dtype and device in one pass
+        buffers[site.name].append(buf)
 
-    writer = ShardWriter(loc)
+    writer = ShardWriter(loc, pool=pool)
     ok = False
     try:
         if todo:

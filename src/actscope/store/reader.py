@@ -7,7 +7,7 @@ Layout of a store folder:
 
 Shard k always covers the same sequences, whichever process or run wrote it, so a store
 written by several ranks, or resumed after a crash, reads as one. Tensors are memory-mapped;
-each (shard, site) is checked against its CRC32 the first time it is read.
+each (shard, site) is checked against its checksum the first time it is read.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
@@ -24,7 +23,7 @@ import torch
 
 from ..errors import StoreError
 from .fs import Location
-from .shard import TensorEntry, parse_header
+from .shard import TensorEntry, checksum, parse_header
 
 MANIFEST = "manifest.json"
 TOKENS = "tokens.safetensors"
@@ -88,7 +87,7 @@ class _Shard:
         entry = self.entries[name]
         raw = self._bytes(entry)
         if verify and name not in self.verified:
-            if entry.crc32 is not None and zlib.crc32(raw) != entry.crc32:
+            if entry.checksum is not None and checksum(raw) != entry.checksum:
                 raise StoreError(
                     f"{self.source}: checksum mismatch in {name!r}: the shard is corrupted; "
                     "delete it and re-run `actscope record` on this folder to rewrite it"

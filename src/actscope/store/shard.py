@@ -1,21 +1,22 @@
-"""The shard format: a valid safetensors file, written in streamed chunks, with a CRC32 per tensor.
+"""The shard format: a valid safetensors file, written in streamed chunks, with a checksum per tensor.
 
 Any safetensors reader opens our shards. We write the format ourselves (8-byte header length,
 JSON header, raw data) so that a tensor can be streamed from many batch-sized chunks without
-first concatenating them, and so that each tensor's CRC32 sits in the header metadata: a reader
-can verify exactly the tensors it touches.
+first concatenating them, and so that each tensor's checksum sits in the header metadata: a
+reader can verify exactly the tensors it touches. The checksum is XXH3-64: about ten times
+faster than CRC32, which matters because the writer shares the CPU with the model.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
+import xxhash
 
 DTYPE_CODES = {
     torch.float32: "F32",
@@ -41,11 +42,15 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
     end: int
-    crc32: int | None
+    checksum: str | None  # XXH3-64 hex digest of the tensor's bytes
 
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+
+def checksum(buf: np.ndarray) -> str:
+    return xxhash.xxh3_64_hexdigest(buf)
 
 
 def write_shard(
@@ -58,18 +63,18 @@ def write_shard(
     Returns the number of bytes written. Chunks must be contiguous CPU tensors.
     """
     header: dict = {}
-    crcs: dict[str, int] = {}
+    sums: dict[str, str] = {}
     offset = 0
     for name, chunks in tensors.items():
         first = chunks[0]
         rows = sum(int(c.shape[0]) for c in chunks)
-        crc = 0
+        digest = xxhash.xxh3_64()
         nbytes = 0
         for c in chunks:
             buf = as_bytes(c)
-            crc = zlib.crc32(buf, crc)
+            digest.update(buf)
             nbytes += buf.nbytes
-        crcs[name] = crc
+        sums[name] = digest.hexdigest()
         header[name] = {
             "dtype": DTYPE_CODES[first.dtype],
             "shape": [rows, *first.shape[1:]],
@@ -77,7 +82,7 @@ def write_shard(
         }
         offset += nbytes
     meta = dict(metadata or {})
-    meta["crc32"] = crcs
+    meta["xxh3_64"] = sums
     header["__metadata__"] = {META_KEY: json.dumps(meta, sort_keys=True)}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
@@ -106,11 +111,11 @@ def parse_header(head: bytes, source: str) -> tuple[dict[str, TensorEntry], dict
         meta = json.loads(header.pop("__metadata__", {}).get(META_KEY, "{}"))
     except (json.JSONDecodeError, AttributeError):
         raise StoreError(f"{source}: corrupted shard header (not JSON)") from None
-    crcs = meta.get("crc32", {})
+    sums = meta.get("xxh3_64", {})
     entries = {}
     for name, info in header.items():
         b, e = info["data_offsets"]
         entries[name] = TensorEntry(
-            CODE_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e, crcs.get(name)
+            CODE_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e, sums.get(name)
         )
     return entries, meta, 8 + n

@@ -25,6 +25,27 @@ from .reader import MANIFEST, SHARDS, TOKENS, shard_name
 from .shard import write_shard
 
 
+class BufferPool:
+    """Reusable capture buffers: shards hand their tensors back once written, so the capture
+    loop copies into warm memory instead of faulting in fresh pages for every batch."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((tuple(shape), dtype))
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype)
+
+    def give(self, tensors: Sequence[torch.Tensor]) -> None:
+        with self._lock:
+            for t in tensors:
+                self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+
 @dataclass
 class PendingShard:
     index: int
@@ -74,8 +95,9 @@ class ShardWriter:
     """Background writer: ``submit`` shards, ``close`` to wait; write errors surface on the
     caller's thread at the next ``submit`` or at ``close``."""
 
-    def __init__(self, loc: Location, depth: int = 2):
+    def __init__(self, loc: Location, depth: int = 2, pool: BufferPool | None = None):
         self.loc = loc
+        self.pool = pool
         self._queue: queue.Queue[PendingShard | None] = queue.Queue(maxsize=depth)
         self._error: StoreError | None = None
         self.written: list[int] = []
@@ -92,6 +114,8 @@ class ShardWriter:
             try:
                 self.write(item)
                 self.written.append(item.index)
+                if self.pool is not None:
+                    self.pool.give([t for chunks in item.tensors.values() for t in chunks])
             except BaseException as exc:  # noqa: BLE001 - reported on the caller's thread
                 self._error = exc if isinstance(exc, StoreError) else _explain(exc, f"shard {item.index}")
 
