@@ -8,6 +8,7 @@ from .inspect import site_shapes
 from .models import load_model
 from .record import record
 from .scan import ScanConfig, scan
+from .steer import SteeringVector, ablate_direction, steer, steering_vector
 from .sites import Site, SiteMap, resolve_sites
 from .store.reader import ActivationStore, open_store
 from .trace import ActivationCache, trace
@@ -21,6 +22,10 @@ __all__ = [
     "open_store",
     "record",
     "scan",
+    "SteeringVector",
+    "ablate_direction",
+    "steer",
+    "steering_vector",
     "ScanConfig",
     "site_shapes",
     "ActscopeError",

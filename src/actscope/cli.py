@@ -106,6 +106,76 @@ def scan(
     typer.echo(f"json:   {(page.parent / 'report.json').resolve()}")
 
 
+def _layers(spec: Optional[str]) -> Optional[list[int]]:
+    """"8-20" or "3,5,7" -> layer indices; None -> all layers."""
+    if not spec:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise ActscopeError(f"--layers {spec!r}: use a range like 8-20 or a list like 3,5,7") from None
+    return out
+
+
+def _prompts(path: str) -> list[str]:
+    from .data import read_texts
+
+    texts, _ = read_texts(path)
+    lines = [line.strip() for t in texts for line in (t.splitlines() if path.endswith(".txt") else [t])]
+    return [line for line in lines if line]
+
+
+@app.command()
+def steer(
+    positive: str = typer.Option(..., "--positive", help="prompts, one per line (or JSONL)"),
+    negative: str = typer.Option(..., "--negative", help="contrasting prompts, paired with --positive"),
+    out: str = typer.Option(..., "--out", "-o", help="a .gguf control vector, or a folder (safetensors + JSON)"),
+    model: str = ModelOpt,
+    layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 8-20 (default: all)"),
+    method: str = typer.Option("mean_diff", "--method", help="mean_diff or pca"),
+    position: str = typer.Option("last", "--position", help="last or mean"),
+) -> None:
+    """Compute a steering vector from contrastive prompts."""
+    from .models import load_model
+    from .steer import steering_vector
+
+    m, tok = load_model(model)
+    vec = steering_vector(m, tok, _prompts(positive), _prompts(negative), _layers(layers), method, position)
+    path = vec.to_gguf(out) if out.endswith(".gguf") else vec.save_pretrained(out)
+    norms = ", ".join(f"{l}:{float(vec.directions[l].norm()):.3g}" for l in vec.layers)
+    typer.echo(f"steering vector ({method}, layers {vec.layers[0]}-{vec.layers[-1]}) -> {path}\nnorms {norms}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    model: str = ModelOpt,
+    steer_path: Optional[str] = typer.Option(None, "--steer", help="a .gguf or saved steering vector"),
+    scale: float = typer.Option(1.0, "--scale"),
+    positions: str = typer.Option("all", "--positions", help="all, prompt or generated"),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
+    compare: bool = typer.Option(False, "--compare", help="also print the unsteered continuation"),
+) -> None:
+    """Greedy generation, optionally steered."""
+    from contextlib import nullcontext
+
+    from .models import load_model
+    from .steer import SteeringVector
+    from .steer_effects import generate as run_generate
+
+    m, tok = load_model(model)
+    vec = SteeringVector.from_pretrained(steer_path) if steer_path else None
+    if compare and vec is not None:
+        typer.echo(f"[unsteered] {prompt}{run_generate(m, tok, prompt, max_new_tokens)}")
+    with vec.apply(m, scale, positions=positions) if vec is not None else nullcontext():
+        text = run_generate(m, tok, prompt, max_new_tokens)
+    label = f"[steered x{scale:g}] " if vec is not None else ""
+    typer.echo(f"{label}{prompt}{text}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="actscope: %(message)s")
     try:

@@ -1,0 +1,308 @@
+"""Steering vectors: extract them from contrastive prompts, apply them during forward and generate.
+
+    vec = actscope.steering_vector(model, tok, positive, negative, layers=range(8, 21))
+    with vec.apply(model, scale=4.0, positions="generated"):
+        model.generate(...)
+
+Definitions (METHODS.md, "Intervene"): difference-in-means ``v_l = mean(h_l | positive) -
+mean(h_l | negative)`` (CAA / ActAdd) or the first principal component of the centred paired
+differences (a unit vector, sign aligned with the mean difference, as RepE reading vectors);
+applied as ``h_l += scale * w_l * v_l`` on ``blocks.l.hook_resid_post``. Extraction streams:
+only per-layer sums (and, for PCA, a d x d scatter matrix) are kept, never all hidden states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from .errors import ActscopeError
+from .sites import SiteMap
+from .trace import trace
+
+POSITIONS = ("all", "prompt", "generated")
+
+
+@dataclass
+class SteeringVector:
+    """Per-layer directions for ``blocks.{l}.hook_resid_post``."""
+
+    directions: dict[int, torch.Tensor]
+    method: str = "mean_diff"
+    model_type: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    # --- saving, HF style -------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """``vectors.safetensors`` + ``steering_config.json``."""
+        from safetensors.torch import save_file
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({f"direction.{l}": v.float().contiguous() for l, v in self.directions.items()}, out / "vectors.safetensors")
+        config = {"method": self.method, "model_type": self.model_type, "layers": self.layers, "meta": self.meta}
+        (out / "steering_config.json").write_text(json.dumps(config, indent=1))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "SteeringVector":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if str(folder).endswith(".gguf"):
+            return cls.from_gguf(folder)
+        try:
+            tensors = load_file(folder / "vectors.safetensors")
+            config = json.loads((folder / "steering_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ActscopeError(f"{folder}: not a saved steering vector ({exc})") from None
+        dirs = {int(k.split(".")[1]): v for k, v in tensors.items()}
+        return cls(dirs, config.get("method", ""), config.get("model_type", ""), config.get("meta", {}))
+
+    # --- llama.cpp control vectors ------------------------------------------------------------
+    def to_gguf(self, path: str | os.PathLike) -> Path:
+        """Write llama.cpp's control-vector GGUF (``direction.{l}`` tensors, as repeng does)."""
+        import gguf
+
+        writer = gguf.GGUFWriter(str(path), "controlvector")
+        writer.add_string("controlvector.model_hint", self.model_type or "unknown")
+        writer.add_int32("controlvector.layer_count", len(self.directions))
+        for l in self.layers:
+            writer.add_tensor(f"direction.{l}", self.directions[l].float().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return Path(path)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "SteeringVector":
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as exc:
+            raise ActscopeError(f"{path}: not a readable GGUF file ({type(exc).__name__})") from None
+        dirs = {}
+        for t in reader.tensors:
+            if t.name.startswith("direction."):
+                dirs[int(t.name.split(".")[1])] = torch.tensor(t.data.copy()).reshape(-1).float()
+        if not dirs:
+            raise ActscopeError(f"{path}: no direction.N tensors (not a control-vector GGUF)")
+        hint = reader.fields.get("controlvector.model_hint")
+        model_type = bytes(hint.parts[-1]).decode() if hint is not None else ""
+        return cls(dirs, "gguf", model_type)
+
+    # --- applying -------------------------------------------------------------------------------
+    def apply(
+        self,
+        model: Any,
+        scale: float = 1.0,
+        layer_weights: dict[int, float] | None = None,
+        positions: str = "all",
+    ):
+        """Context manager adding ``scale * w_l * v_l`` to each steered layer's output.
+
+        ``positions``: "all"; "prompt" (positions of the prompt, i.e. of the first forward pass of
+        a generation); or "generated" (positions after the prompt). Positions count in the KV
+        cache, so generation with a cache is steered correctly at every step.
+        """
+        return steer(model, {l: v * (layer_weights or {}).get(l, 1.0) for l, v in self.directions.items()}, scale, positions)
+
+
+class _PositionTracker:
+    """Absolute position of the first token of the current forward pass, from the KV cache.
+
+    The prompt is the input of the first forward pass in the context. A later pass with an empty
+    cache that is longer than everything seen so far continues the same text (generation without
+    a cache); one that is not starts a new prompt.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.prompt_len: int | None = None
+        self.seen = 0
+
+    def pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        length = int(ids.shape[1])
+        self.offset = int(past)
+        if past == 0 and (self.prompt_len is None or length <= self.seen):
+            self.prompt_len = length
+        self.seen = self.offset + length
+
+
+@contextmanager
+def steer(model: Any, vectors: dict[int, torch.Tensor], scale: float = 1.0, positions: str = "all") -> Iterator[None]:
+    """Add ``scale * vectors[l]`` to the output of layer ``l`` for the block's duration."""
+    if positions not in POSITIONS:
+        raise ActscopeError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    sm = SiteMap(model)
+    modules = dict(model.named_modules())
+    bad = [l for l in vectors if not 0 <= l < sm.n_layers]
+    if bad:
+        raise ActscopeError(f"layers {bad} do not exist: the model has layers 0..{sm.n_layers - 1}")
+    d_model = int(getattr(model.config, "hidden_size", 0) or 0)
+    for l, v in vectors.items():
+        if d_model and v.numel() != d_model:
+            raise ActscopeError(f"the vector for layer {l} has {v.numel()} dims; the model's residual has {d_model}")
+    tracker = _PositionTracker()
+    handles = [model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
+
+    def make(layer: int, vec: torch.Tensor):
+        def hook(module: Any, args: tuple, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            add = (scale * vec).to(hidden.dtype).to(hidden.device)
+            if positions != "all":
+                T = hidden.shape[1]
+                pos = torch.arange(tracker.offset, tracker.offset + T, device=hidden.device)
+                limit = tracker.prompt_len or 0
+                mask = (pos < limit) if positions == "prompt" else (pos >= limit)
+                if not bool(mask.any()):
+                    return None
+                hidden = hidden + mask.view(1, T, 1).to(hidden.dtype) * add
+            else:
+                hidden = hidden + add
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    layers = modules[sm.layers_path]
+    # prepend: interventions run before observers, so an open trace records the steered values
+    handles += [layers[l].register_forward_hook(make(l, v), prepend=True) for l, v in vectors.items() if scale != 0]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def ablate_direction(model: Any, direction: torch.Tensor) -> Iterator[None]:
+    """Project ``direction`` out of the residual stream at every layer: ``h <- h - (h . r) r``.
+
+    Applied to the embedding output and every layer's output, so no layer reads the direction.
+    """
+    r = direction.float() / direction.float().norm().clamp_min(1e-12)
+    sm = SiteMap(model)
+    modules = dict(model.named_modules())
+    targets = [modules[sm.sites["hook_embed"].module_path]] if "hook_embed" in sm.sites else []
+    targets += list(modules[sm.layers_path])
+
+    def hook(module: Any, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        rr = r.to(hidden.dtype).to(hidden.device)
+        hidden = hidden - (hidden @ rr).unsqueeze(-1) * rr
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = [m.register_forward_hook(hook, prepend=True) for m in targets]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], device: Any) -> dict:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # last real token = mask.sum() - 1
+    try:
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = old
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def _read(h: torch.Tensor, mask: torch.Tensor, position: str | int) -> torch.Tensor:
+    """Pick one vector per prompt: the last real token, the mean over real tokens, or an index."""
+    if position == "last":
+        idx = mask.sum(1) - 1
+        return h[torch.arange(h.shape[0]), idx]
+    if position == "mean":
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+    if isinstance(position, int):
+        return h[:, position]
+    raise ActscopeError(f"position must be 'last', 'mean' or an int, not {position!r}")
+
+
+def steering_vector(
+    model: Any,
+    tokenizer: Any,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    layers: Iterable[int] | None = None,
+    method: str = "mean_diff",
+    position: str | int = "last",
+    batch_size: int = 8,
+) -> SteeringVector:
+    """Compute a steering vector from paired contrastive prompts, streaming over batches."""
+    if method not in ("mean_diff", "pca"):
+        raise ActscopeError(f"method must be 'mean_diff' or 'pca', not {method!r}")
+    if not positive or not negative:
+        raise ActscopeError("steering needs at least one positive and one negative prompt")
+    if method == "pca" and len(positive) != len(negative):
+        raise ActscopeError(f"pca needs paired prompts: {len(positive)} positive vs {len(negative)} negative")
+    sm = SiteMap(model)
+    layer_ids = list(range(sm.n_layers) if layers is None else layers)
+    sites = [f"blocks.{l}.hook_resid_post" for l in layer_ids]
+    sums = {"pos": {}, "neg": {}}
+    counts = {"pos": 0, "neg": 0}
+    diff_sum: dict[int, torch.Tensor] = {}
+    scatter: dict[int, torch.Tensor] = {}
+    n_pairs = 0
+
+    def read_batch(texts: Sequence[str]) -> dict[int, torch.Tensor]:
+        enc = _encode(tokenizer, texts, model.device)
+        with torch.inference_mode(), trace(model, sites) as cache:
+            model(**enc, use_cache=False)
+        return {l: _read(cache[s], enc["attention_mask"], position).double().cpu() for l, s in zip(layer_ids, sites)}
+
+    for side, texts in (("pos", positive), ("neg", negative)):
+        if method == "pca":
+            continue
+        for batch in _batches(texts, batch_size):
+            for l, h in read_batch(batch).items():
+                sums[side][l] = sums[side].get(l, 0) + h.sum(0)
+            counts[side] += len(batch)
+    if method == "pca":
+        for pb, nb in zip(_batches(positive, batch_size), _batches(negative, batch_size)):
+            hp, hn = read_batch(pb), read_batch(nb)
+            for l in layer_ids:
+                d = hp[l] - hn[l]
+                diff_sum[l] = diff_sum.get(l, 0) + d.sum(0)
+                scatter[l] = scatter.get(l, 0) + d.T @ d
+            n_pairs += len(pb)
+    directions = {}
+    for l in layer_ids:
+        if method == "mean_diff":
+            directions[l] = (sums["pos"][l] / counts["pos"] - sums["neg"][l] / counts["neg"]).float()
+        else:
+            mean = diff_sum[l] / n_pairs
+            cov = scatter[l] / n_pairs - torch.outer(mean, mean)
+            _, vecs = torch.linalg.eigh(cov)
+            v = vecs[:, -1]
+            directions[l] = (v if v @ mean >= 0 else -v).float()
+    meta = {"n_positive": len(positive), "n_negative": len(negative), "position": str(position)}
+    return SteeringVector(directions, method, sm.model_type, meta)
