@@ -11,9 +11,10 @@ Methods, each over the same batches of 8 x 128 tokens of the default corpus on t
 - tl-bridge:        transformer-lens TransformerBridge.run_with_cache of the same 60 sites (RAM);
                     the bridge forces eager attention, so plain-eager is reported for it as well
 
-Each method runs once per round, rounds alternate the order, and each round gives its own ratio
-to the plain forward pass of the same round (neighbours in time, so slow drifts of a shared
-machine cancel); the table reports the median ratio over rounds. Peak RSS of a
+Recording to disk is timed as whole runs alternating with whole plain runs; the in-memory
+methods are interleaved batch by batch in rotating order. Each round gives its own ratio to the
+plain forward pass of the same round (neighbours in time, so drifts of a shared machine cancel);
+the table reports the median ratio over rounds. Peak RSS of a
 fresh process recording 20k and 80k tokens to disk shows that memory does not grow with the corpus.
 """
 
@@ -49,36 +50,53 @@ def actscope_disk(model, tok, tokens, folder):
     actscope.record(model, tok, folder, SITES, tokens=tokens, dtype="bfloat16", batch_size=BATCH, progress=False)
 
 
-def actscope_memory(model, batches):
-    kept = []
+# --- in-memory capture of one batch; each returns what it keeps ------------------------------
+def plain_batch(model, b):
     with torch.inference_mode():
-        for b in batches:
-            with actscope.trace(model, SITES) as cache:
-                model(input_ids=b, use_cache=False)
-            kept.append(dict(cache))
-    return kept
+        model(input_ids=b, use_cache=False)
+    return None
 
 
-def nnsight_memory(lm, batches):
-    kept = []
-    with torch.inference_mode():
-        for b in batches:
-            saved = []
-            with lm.trace(b):
-                for layer in range(30):
-                    saved.append(lm.model.layers[layer].mlp.down_proj.input.save())
-                    saved.append(lm.model.layers[layer].output.save())
-            kept.append(saved)
-    return kept
+def actscope_batch(model, b):
+    with torch.inference_mode(), actscope.trace(model, SITES) as cache:
+        model(input_ids=b, use_cache=False)
+    return dict(cache)
 
 
-def bridge_memory(bridge, batches):
+def nnsight_batch(lm, b):
+    saved = []
+    with torch.inference_mode(), lm.trace(b):
+        for layer in range(30):
+            saved.append(lm.model.layers[layer].mlp.down_proj.input.save())
+            saved.append(lm.model.layers[layer].output.save())
+    return saved
+
+
+def bridge_batch(bridge, b):
     keep = lambda name: name.endswith("hook_resid_post") or name.endswith("mlp.hook_post")  # noqa: E731
-    kept = []
     with torch.inference_mode():
-        for b in batches:
-            kept.append(bridge.run_with_cache(b, names_filter=keep)[1])
-    return kept
+        return bridge.run_with_cache(b, names_filter=keep)[1]
+
+
+def interleaved(per_batch: dict, batches, rounds: int) -> dict[str, list[float]]:
+    """Time in-memory methods batch by batch, rotating their order, keeping what each captures
+    until the round ends (as a user holding a cache would)."""
+    names = list(per_batch)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        kept = {n: [] for n in names}
+        spent = {n: 0.0 for n in names}
+        for i, b in enumerate(batches):
+            k = (i + r) % len(names)
+            for n in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                kept[n].append(per_batch[n](b))
+                spent[n] += time.perf_counter() - t0
+        for n in names:
+            times[n].append(spent[n])
+        print(f"round {r} in-memory: " + ", ".join(f"{n} {spent[n]:.2f}s" for n in names), flush=True)
+        del kept
+    return times
 
 
 def timed(fn, *args):
@@ -128,11 +146,7 @@ def main() -> None:
     tokens = actscope.load_tokens(None, tok, SEQ, args.tokens)
     batches = list(tokens.batches(BATCH))
     folder = tempfile.mkdtemp(prefix="actscope-bench-")
-    methods = {
-        "plain": lambda: plain(model, batches),
-        "actscope-disk": lambda: actscope_disk(model, tok, tokens, folder + "/store"),
-        "actscope-memory": lambda: actscope_memory(model, batches),
-    }
+    per_batch = {"plain": lambda b: plain_batch(model, b), "actscope-memory": lambda b: actscope_batch(model, b)}
     peers_ok = not args.no_peers
     if peers_ok:
         try:
@@ -147,31 +161,32 @@ def main() -> None:
         lm = LanguageModel(model, tokenizer=tok)
         eager_model, _ = actscope.load_model("default", attn_implementation="eager")
         bridge = TransformerBridge.boot_transformers(resolve_spec("default")[1], hf_model=eager_model, tokenizer=tok, device="cpu")
-        methods["nnsight"] = lambda: nnsight_memory(lm, batches)
-        methods["plain-eager"] = lambda: plain(eager_model, batches)
-        methods["tl-bridge"] = lambda: bridge_memory(bridge, batches)
+        per_batch["nnsight"] = lambda b: nnsight_batch(lm, b)
+        per_batch["plain-eager"] = lambda b: plain_batch(eager_model, b)
+        per_batch["tl-bridge"] = lambda b: bridge_batch(bridge, b)
 
     plain(model, batches[:1])  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    outputs: dict[str, object] = {}
+    # 1) recording to disk is a whole pipeline: alternate whole runs with plain forward passes
+    times: dict[str, list[float]] = {"plain-run": [], "actscope-disk": []}
     for r in range(args.rounds):
-        order = list(methods) if r % 2 == 0 else list(reversed(methods))
+        order = ["plain-run", "actscope-disk"] if r % 2 == 0 else ["actscope-disk", "plain-run"]
         for name in order:
-            seconds, out = timed(methods[name])
+            run = (lambda: plain(model, batches)) if name == "plain-run" else (lambda: actscope_disk(model, tok, tokens, folder + "/store"))
+            seconds, _ = timed(run)
             times[name].append(seconds)
-            if name == "actscope-memory":  # keep only ours, for the agreement check
-                outputs[name] = out
             print(f"round {r} {name:16s} {seconds:7.2f} s", flush=True)
+    # 2) in-memory capture: interleaved batch by batch
+    times.update(interleaved(per_batch, batches, args.rounds))
+    ours = actscope_batch(model, batches[0])
 
     # agreement: the stored/peer values equal ours
     store = actscope.open_store(folder + "/store")
-    ours = outputs["actscope-memory"][0]
     agree = {"actscope-disk": torch.equal(store.read("blocks.15.hook_resid_post", 0, BATCH * SEQ),
                                           ours["blocks.15.hook_resid_post"].reshape(-1, 576).bfloat16())}
     if peers_ok:
-        nn_saved = nnsight_memory(lm, batches[:1])[0]
+        nn_saved = nnsight_batch(lm, batches[0])
         agree["nnsight"] = torch.equal(nn_saved[31], ours["blocks.15.hook_resid_post"])
-        tl_cache = bridge_memory(bridge, batches[:1])[0]
+        tl_cache = bridge_batch(bridge, batches[0])
         agree["tl-bridge max abs diff (eager vs sdpa)"] = float(
             (tl_cache["blocks.15.hook_resid_post"] - ours["blocks.15.hook_resid_post"]).abs().max()
         )
@@ -179,6 +194,7 @@ def main() -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
     n_tok = tokens.num_tokens
+
     def ratio(name: str, ref: str) -> float:
         return statistics.median(a / b for a, b in zip(times[ref], times[name]))
 
@@ -186,7 +202,8 @@ def main() -> None:
     print("| method | tokens/s (median) | ratio to plain forward (median of per-round ratios) | per-round ratios |")
     print("|---|---|---|---|")
     rows = {}
-    labels = [(n, "plain") for n in methods] + ([("tl-bridge", "plain-eager")] if "tl-bridge" in methods else [])
+    labels = [("actscope-disk", "plain-run")] + [(n, "plain") for n in per_batch if n != "plain"]
+    labels += [("tl-bridge", "plain-eager")] if "tl-bridge" in per_batch else []
     for name, ref in labels:
         tps = n_tok / statistics.median(times[name])
         per_round = [a / b for a, b in zip(times[ref], times[name])]

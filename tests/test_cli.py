@@ -98,3 +98,29 @@ def test_bad_input_gives_one_line_error(case, message, tiny_llama_dir, tmp_path,
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
     assert not (out / "manifest.json").exists()
+
+
+def test_steer_and_generate_from_cli(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("I love this\nWhat a happy day\n")
+    neg.write_text("I hate this\nWhat a sad day\n")
+    vec = tmp_path / "vec.gguf"
+    code, out, err = run(["steer", "--model", str(tiny_llama_dir), "--positive", str(pos), "--negative", str(neg),
+                          "--layers", "0-1", "--out", str(vec)], capsys, monkeypatch)
+    assert code == 0, err
+    assert "layers 0-1" in out and vec.exists()
+    code, out, err = run(["generate", "--model", str(tiny_llama_dir), "--steer", str(vec), "--scale", "8",
+                          "--prompt", "Today", "--max-new-tokens", "5", "--compare"], capsys, monkeypatch)
+    assert code == 0, err
+    assert out.count("Today") == 2 and "[steered x8]" in out
+    code, _, err = run(["steer", "--model", str(tiny_llama_dir), "--positive", str(pos), "--negative", str(neg),
+                        "--layers", "0-x", "--out", str(vec)], capsys, monkeypatch)
+    assert code == 2 and "use a range like 8-20" in err
+
+
+def test_patch_from_cli(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    code, out, err = run(["patch", "--model", str(tiny_llama_dir), "--clean", "the value of the list",
+                          "--corrupted", "the value of the dict", "--target", " list", "--out", str(tmp_path)],
+                         capsys, monkeypatch)
+    assert code == 0, err
+    assert "largest effect" in out and (tmp_path / "effects.json").exists() and (tmp_path / "effects.png").exists()

@@ -6,6 +6,7 @@ from .errors import ActscopeError, DataError, ModelLoadError, SiteError, SiteNot
 from .data import TokenBatches, load_tokens
 from .inspect import site_shapes
 from .models import load_model
+from .patch import PatchResult, patch
 from .record import record
 from .scan import ScanConfig, scan
 from .steer import SteeringVector, ablate_direction, steer, steering_vector
@@ -21,6 +22,8 @@ __all__ = [
     "load_tokens",
     "open_store",
     "record",
+    "patch",
+    "PatchResult",
     "scan",
     "SteeringVector",
     "ablate_direction",

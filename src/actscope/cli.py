@@ -176,6 +176,39 @@ def generate(
     typer.echo(f"{label}{prompt}{text}")
 
 
+@app.command()
+def patch(
+    clean: str = typer.Option(..., "--clean", help="the clean prompt"),
+    corrupted: str = typer.Option(..., "--corrupted", help="the corrupted prompt (same length in tokens)"),
+    target: str = typer.Option(..., "--target", help="the clean answer token, e.g. ' Paris'"),
+    foil: Optional[str] = typer.Option(None, "--foil", help="the corrupted answer (logit difference); default: the corrupted run's top token"),
+    out: str = typer.Option("runs/patch", "--out", "-o"),
+    model: str = ModelOpt,
+    sites: List[str] = typer.Option(["resid_pre"], "--sites", help="resid_pre, resid_post, attn_out, mlp_out or site names"),
+    metric: str = typer.Option("logit_diff", "--metric", help="logit_diff or prob"),
+) -> None:
+    """Activation patching over every (site, position): writes effects.json and effects.png."""
+    import torch
+
+    from .models import load_model
+    from .patch import patch as run_patch
+
+    m, tok = load_model(model)
+    if metric == "logit_diff" and foil is None:
+        ids = tok(corrupted, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            foil_id = int(m(input_ids=ids).logits[0, -1].argmax())
+        foil = tok.decode([foil_id])
+    res = run_patch(m, tok, clean, corrupted, sites=sites if len(sites) > 1 else sites[0],
+                    metric=metric, target=target, foil=foil)
+    folder = res.save(out)
+    best = divmod(int(res.effect.nan_to_num(0).abs().argmax()), len(res.positions))
+    typer.echo(f"metric clean {res.clean:.3f}, corrupted {res.corrupted:.3f} (foil {foil!r}); "
+               f"largest effect {float(res.effect[best]):.2f} at {res.sites[best[0]]}, position {res.positions[best[1]]} "
+               f"({res.tokens[best[1]]!r})")
+    typer.echo(f"effects: {(folder / 'effects.json').resolve()}  heatmap: {(folder / 'effects.png').resolve()}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="actscope: %(message)s")
     try:

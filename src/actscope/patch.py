@@ -1,0 +1,214 @@
+"""Activation patching: which (site, position) cells carry the clean run's answer.
+
+    result = actscope.patch(model, tok, "The capital of France is", "The capital of Italy is",
+                            target=" Paris", foil=" Rome", sites="resid_pre")
+
+Definition (METHODS.md): run the corrupted input with one site at one position replaced by the
+clean run's value and measure a metric on the last position's logits; the normalised effect is
+``(patched - corrupted) / (clean - corrupted)``.
+
+The fast sweep exploits causality. Patching (layer l, position p) leaves every position before p
+unchanged in every layer, so the corrupted run's KV cache for positions < p is reused and only
+positions >= p are recomputed; and all sites of one position run together as one batch, row i
+patching site i. This gives the naive per-cell loop's results (to float rounding) from one
+forward pass per position instead of one per cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .errors import ActscopeError
+from .sites import Site, SiteMap
+from .trace import trace
+
+SHORT_SITES = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+}
+Metric = Callable[[torch.Tensor], torch.Tensor]  # last-position logits [rows, vocab] -> [rows]
+
+
+@dataclass
+class PatchResult:
+    sites: list[str]
+    positions: list[int]
+    tokens: list[str]
+    effect: torch.Tensor  # [sites, positions], normalised
+    patched: torch.Tensor  # raw metric per cell
+    clean: float
+    corrupted: float
+
+    def to_dict(self) -> dict:
+        return {
+            "sites": self.sites, "positions": self.positions, "tokens": self.tokens,
+            "effect": [[round(float(x), 6) for x in row] for row in self.effect],
+            "metric_clean": self.clean, "metric_corrupted": self.corrupted,
+        }
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """``effects.json``, ``effects.png`` (sites down, positions across) and ``effects.html``."""
+        from .report.plots import heatmap_figure, heatmap_uri
+
+        import base64
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "effects.json").write_text(json.dumps(self.to_dict(), indent=1))
+        lim = max(float(self.effect.abs().max()), 1e-6)
+        png = heatmap_uri((self.effect + lim) / (2 * lim), 0.0, 1.0, (12, 24)).split(",", 1)[1]
+        (out / "effects.png").write_bytes(base64.b64decode(png))
+        import html
+
+        cols = " ".join(f"{p}:{html.escape(repr(t))}" for p, t in zip(self.positions, self.tokens))
+        fig = heatmap_figure(self.effect, "Normalised patching effect", f"position ({cols})", "site", -lim, lim, (12, 24))
+        (out / "effects.html").write_text(f"<!DOCTYPE html><meta charset='utf-8'><body>{fig}<p>sites: {html.escape(', '.join(self.sites))}</p></body>")
+        return out
+
+
+def _token_id(tokenizer: Any, text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ActscopeError(f"{text!r} encodes to no token")
+    return ids[0]
+
+
+def make_metric(tokenizer: Any, metric: str | Metric, target: str | int | None, foil: str | int | None) -> Metric:
+    if callable(metric):
+        return metric
+    if metric in ("logit_diff", "prob") and target is None:
+        raise ActscopeError(f"metric {metric!r} needs a target token")
+    t = _token_id(tokenizer, target) if target is not None else None
+    if metric == "logit_diff":
+        if foil is None:
+            raise ActscopeError("metric 'logit_diff' needs a foil token (the corrupted answer)")
+        f = _token_id(tokenizer, foil)
+        return lambda logits: logits[:, t] - logits[:, f]
+    if metric == "prob":
+        return lambda logits: torch.softmax(logits.float(), -1)[:, t]
+    raise ActscopeError(f"unknown metric {metric!r}: use logit_diff, prob or a function of the logits")
+
+
+def _resolve(site_map: SiteMap, sites: str | Sequence[str]) -> list[Site]:
+    names = [sites] if isinstance(sites, str) else list(sites)
+    expanded: list[str] = []
+    for n in names:
+        if n in SHORT_SITES:
+            expanded += [f"blocks.{l}.{SHORT_SITES[n]}" for l in range(site_map.n_layers)]
+        else:
+            expanded.append(n)
+    resolved = site_map.resolve(expanded)
+    viewed = [s.name for s in resolved if s.view is not None or s.needs_eager_attention]
+    if viewed:
+        raise ActscopeError(f"patching per-head or pattern sites is not supported yet: {', '.join(viewed[:3])}")
+    return resolved
+
+
+@contextmanager
+def _patch_hooks(model: Any, sites: list[Site], rows: list[int | None], position: int, values: list[torch.Tensor]) -> Iterator[None]:
+    """Replace ``site[i]`` at ``position`` with ``values[i]`` in batch row ``rows[i]`` (None: all)."""
+    modules = dict(model.named_modules())
+    handles = []
+    for site, row, value in zip(sites, rows, values):
+        sel = slice(None) if row is None else row
+
+        def swap(h: torch.Tensor, sel=sel, value=value) -> torch.Tensor:
+            h = h.clone()  # observers may hold the original
+            h[sel, position] = value.to(h.dtype)
+            return h
+
+        if site.io == "in":
+            def pre(mod, args, kwargs, swap=swap):
+                if args:
+                    return (swap(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
+
+            handles.append(modules[site.module_path].register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+        else:
+            def post(mod, args, output, swap=swap, index=site.index):
+                if isinstance(output, tuple):
+                    return (*output[:index], swap(output[index]), *output[index + 1 :])
+                return swap(output)
+
+            handles.append(modules[site.module_path].register_forward_hook(post, prepend=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def patch(
+    model: Any,
+    tokenizer: Any,
+    clean: str,
+    corrupted: str,
+    *,
+    sites: str | Sequence[str] = "resid_pre",
+    positions: Sequence[int] | None = None,
+    metric: str | Metric = "logit_diff",
+    target: str | int | None = None,
+    foil: str | int | None = None,
+    alignment: dict[int, int] | None = None,
+    method: str = "fast",
+) -> PatchResult:
+    """Patch every (site, position) cell; see the module docstring. ``alignment`` maps corrupted
+    positions to clean positions when the prompts differ in length."""
+    site_map = SiteMap(model)
+    resolved = _resolve(site_map, sites)
+    measure = make_metric(tokenizer, metric, target, foil)
+    enc = lambda text: tokenizer(text, return_tensors="pt").input_ids.to(model.device)  # noqa: E731
+    clean_ids, corrupt_ids = enc(clean), enc(corrupted)
+    T = corrupt_ids.shape[1]
+    if alignment is None:
+        if clean_ids.shape[1] != T:
+            raise ActscopeError(
+                f"clean ({clean_ids.shape[1]} tokens) and corrupted ({T} tokens) differ in length; "
+                "pass alignment={corrupted_position: clean_position}"
+            )
+        alignment = {p: p for p in range(T)}
+    positions = [p for p in (range(T) if positions is None else positions) if p in alignment]
+    with torch.inference_mode(), trace(model, resolved) as cache:
+        clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
+    clean_acts = {s.name: cache[s.name][0] for s in resolved}
+    with torch.inference_mode():
+        out = model(input_ids=corrupt_ids, use_cache=True)
+    m_clean, m_corrupt = float(measure(clean_logits)[0]), float(measure(out.logits[:, -1])[0])
+    patched = torch.empty(len(resolved), len(positions))
+    if method == "naive":
+        for i, site in enumerate(resolved):
+            for j, p in enumerate(positions):
+                with torch.inference_mode(), _patch_hooks(model, [site], [None], p, [clean_acts[site.name][alignment[p]]]):
+                    patched[i, j] = measure(model(input_ids=corrupt_ids, use_cache=False).logits[:, -1])[0]
+    elif method == "fast":
+        rows = len(resolved)
+        for j, p in enumerate(positions):
+            past = None
+            if p > 0:
+                past = copy.deepcopy(out.past_key_values)
+                past.crop(p - T)
+                past.batch_repeat_interleave(rows)
+            values = [clean_acts[s.name][alignment[p]] for s in resolved]
+            suffix = corrupt_ids[:, p:].expand(rows, -1)
+            with torch.inference_mode(), _patch_hooks(model, resolved, list(range(rows)), 0, values):
+                logits = model(input_ids=suffix, past_key_values=past, use_cache=past is not None).logits[:, -1]
+            patched[:, j] = measure(logits)
+    else:
+        raise ActscopeError(f"method must be 'fast' or 'naive', not {method!r}")
+    denom = m_clean - m_corrupt
+    effect = (patched - m_corrupt) / (denom if abs(denom) > 1e-12 else float("nan"))
+    tokens = [tokenizer.decode([int(t)]) for t in corrupt_ids[0, positions].tolist()]
+    return PatchResult([s.name for s in resolved], list(positions), tokens, effect, patched, m_clean, m_corrupt)
