@@ -55,8 +55,10 @@ def main() -> None:
     if LanguageModel is not None:
         lm = LanguageModel(model, tokenizer=tok)
         with torch.inference_mode():
+            clean_h = []  # filled inside the trace: nnsight hands back only saved values
             with lm.trace(clean_ids):
-                clean_h = [lm.model.layers[l].input.save() for l in range(30)]
+                for l in range(30):
+                    clean_h.append(lm.model.layers[l].input.save())
             out = torch.empty(30, T)
             t0 = time.perf_counter()
             for l in range(30):

@@ -62,3 +62,18 @@ def test_record_default_model_round_trip(default_model, corpus, tmp_path):
     with torch.inference_mode(), actscope.trace(model, ["blocks.20.mlp.hook_post"]) as c:
         model(corpus.input_ids)
     assert torch.equal(store.read("blocks.20.mlp.hook_post"), c["blocks.20.mlp.hook_post"].reshape(512, -1).bfloat16())
+
+
+def test_scan_report_shows_the_known_facts(default_model, tmp_path):
+    model, tok = default_model
+    report = actscope.scan(model, tok, None, max_tokens=128 * 8, progress=False)
+    top = report["massive_activations"][0]
+    assert (top["dim"], top["position"]) == (507, 0) and abs(top["value"]) > 20_000
+    layers = {m["layer"] for m in report["massive_activations"] if m["dim"] == 507 and m["position"] == 0}
+    assert set(range(11, 28)) <= layers  # from the middle layers on
+    per_layer = report["attention_sinks"]["per_layer"]
+    mid = [h["mass_on_first_token"] for l in per_layer[12:27] for h in l["heads"]]
+    assert 0.45 < sum(mid) / len(mid) < 0.85
+    assert "dimension 507" in report["summary"][0]
+    page = report.save(tmp_path)
+    assert page.stat().st_size > 50_000

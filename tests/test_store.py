@@ -134,6 +134,11 @@ def test_other_sites_or_model_are_refused_and_store_left_intact(tiny_llama, tmp_
         actscope.record(model, tok, str(out), ["blocks.0.hook_mlp_out"], **KW)
     with pytest.raises(StoreError, match="other seq_len"):
         actscope.record(model, tok, str(out), SITES[:1], **{**KW, "seq_len": 16})
+    from tiny import tiny_model
+
+    other = tiny_model("llama", seed=1, max_position_embeddings=256)
+    with pytest.raises(StoreError, match="other model"):
+        actscope.record(other, tok, str(out), SITES[:1], **KW)
     assert _digest(out) == before
     store = actscope.record(model, tok, str(out), ["blocks.0.hook_mlp_out"], overwrite=True, **KW)
     assert store.sites == ["blocks.0.hook_mlp_out"]

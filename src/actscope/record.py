@@ -174,6 +174,7 @@ def record(
         "seq_len": tokens.seq_len,
         "num_sequences": tokens.num_sequences,
         "sequences_per_shard": spb,
+        "batch_size": batch_size,  # a resumed run keeps the original batches, so the values match
         "num_shards": math.ceil(tokens.num_sequences / spb),
         "data": {"source": tokens.source, "fingerprint": data_fingerprint(tokens)},
     }
@@ -189,7 +190,7 @@ def record(
             ranks.share_status(read_manifest(loc) == manifest)
     else:
         ranks.share_status(True)
-    _record_shards(model, resolved, tokens, loc, manifest, store_dtype, batch_size, ranks, progress)
+    _record_shards(model, resolved, tokens, loc, manifest, store_dtype, manifest["batch_size"], ranks, progress)
     return open_store(out) if ranks.rank == 0 else None
 
 
