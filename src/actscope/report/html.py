@@ -24,7 +24,7 @@ figure.plot{display:inline-block;margin:8px 16px 8px 0;vertical-align:top}
 figcaption{font-weight:600;margin-bottom:4px}
 svg.chart text{font-size:10px;fill:#444}svg.chart .frame{fill:#fbfcfd;stroke:#c9ced6}svg.chart .grid{stroke:#e6e9ee}
 .legend span{margin-right:10px;font-size:12px}
-.hm{display:flex;align-items:center;gap:6px}.hm img{image-rendering:pixelated;border:1px solid #c9ced6}
+.hm{display:flex;align-items:center;gap:6px;max-width:100%}.hm img{image-rendering:pixelated;border:1px solid #c9ced6;max-width:calc(100% - 24px);height:auto}
 .ylabel{writing-mode:vertical-rl;transform:rotate(180deg);font-size:11px;color:#555}
 .xlabel{font-size:11px;color:#555;margin-left:22px}.cbar{display:flex;gap:6px;align-items:center;font-size:11px;margin:4px 0 0 22px}
 table{border-collapse:collapse;font-size:12.5px}th,td{border:1px solid #e1e4ea;padding:3px 7px;text-align:left}

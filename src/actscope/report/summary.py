@@ -15,10 +15,13 @@ def summarize(r: dict) -> list[str]:
     if massive:
         top = massive[0]
         same = [m for m in massive if m["dim"] == top["dim"] and m["position"] == top["position"]]
+        where = f"position {top['position']}"
+        if top["position"] == 0 and top["count"] >= r.get("tokens", 0) // max(r["config"]["seq_len"], 1):
+            where = "position 0 of every sequence"
         lines.append(
             f"Massive activation: residual dimension {top['dim']} reaches {top['value']:,.0f} "
-            f"({top['ratio_to_median']:,.0f}x the median) at position {top['position']} "
-            f"(token {top['token']!r}), in {_span([m['layer'] for m in same])}."
+            f"({top['ratio_to_median']:,.0f}x the median) at {where} (largest on token {top['token']!r}), "
+            f"in {_span([m['layer'] for m in same])}."
         )
     else:
         lines.append("No massive activations above the thresholds.")
