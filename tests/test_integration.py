@@ -77,3 +77,12 @@ def test_scan_report_shows_the_known_facts(default_model, tmp_path):
     assert "dimension 507" in report["summary"][0]
     page = report.save(tmp_path)
     assert page.stat().st_size > 50_000
+
+
+def test_causal_trace_localises_the_fact(default_model):
+    model, tok = default_model
+    res = actscope.causal_trace(model, tok, "The capital of France is", "France", " Paris", samples=3)
+    assert res.tokens[3] == " France" and res.clean > 0.5 and res.corrupted < 0.05
+    subject, last = res.effect[:, 3], res.effect[:, 4]
+    assert subject[:10].min() > 0.8  # early-to-middle layers: the subject's last token carries it
+    assert last[24:].min() > 0.8 and subject[24:].max() < 0.2  # late layers: the last token does

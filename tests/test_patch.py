@@ -67,3 +67,27 @@ def test_alignment_lengths_and_outputs(tiny_llama, tmp_path):
         patch(model, tok, CLEAN, CORRUPT, target=" mat")
     with pytest.raises(actscope.ActscopeError, match="per-head or pattern sites"):
         patch(model, tok, CLEAN, CORRUPT, sites=["blocks.0.attn.hook_q"], metric=_metric)
+
+
+@pytest.mark.parametrize("kind, window", [("resid", 1), ("mlp", 2)])
+def test_causal_trace_fast_equals_naive(tiny_llama, kind, window):
+    model, tok = tiny_llama
+    kw = dict(kind=kind, window=window, samples=3, seed=1)
+    fast = actscope.causal_trace(model, tok, CLEAN, "value", " list", **kw)
+    naive = actscope.causal_trace(model, tok, CLEAN, "value", " list", method="naive", **kw)
+    torch.testing.assert_close(fast.patched, naive.patched, rtol=1e-4, atol=1e-6)
+    assert fast.effect.shape == (2, len(fast.positions))
+    # restoring the residual after the last layer at the last position restores the clean output
+    if kind == "resid":
+        assert float(fast.patched[-1, -1]) == pytest.approx(fast.clean, rel=1e-4)
+
+
+def test_subject_positions_and_errors(tiny_llama):
+    from actscope.causal import subject_positions
+
+    _, tok = tiny_llama
+    toks = tok.convert_ids_to_tokens(tok(CLEAN).input_ids)
+    pos = subject_positions(tok, CLEAN, "list")
+    assert "".join(toks[p] for p in pos).replace("▁", "") == "list"
+    with pytest.raises(actscope.ActscopeError, match="does not occur"):
+        subject_positions(tok, CLEAN, "Paris")

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"  # before the imports: submodules read it
 
 from .errors import ActscopeError, DataError, ModelLoadError, SiteError, SiteNotFiredError, StoreError
+from .causal import causal_trace
 from .data import TokenBatches, load_tokens
 from .inspect import site_shapes
 from .models import load_model
@@ -32,6 +33,7 @@ __all__ = [
     "ScanConfig",
     "site_shapes",
     "ActscopeError",
+    "causal_trace",
     "DataError",
     "ModelLoadError",
     "Site",

@@ -209,6 +209,31 @@ def patch(
     typer.echo(f"effects: {(folder / 'effects.json').resolve()}  heatmap: {(folder / 'effects.png').resolve()}")
 
 
+@app.command("trace")
+def trace_cmd(
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    subject: str = typer.Option(..., "--subject", help="the words whose embeddings get noised"),
+    target: str = typer.Option(..., "--target", help="the answer token, e.g. ' Paris'"),
+    out: str = typer.Option("runs/trace", "--out", "-o"),
+    model: str = ModelOpt,
+    kind: str = typer.Option("resid", "--kind", help="resid, mlp or attn"),
+    window: int = typer.Option(1, "--window", help="restore this many neighbouring layers together"),
+    samples: int = typer.Option(10, "--samples", help="noise draws averaged"),
+) -> None:
+    """Causal tracing: noise the subject, restore each (layer, position), measure the target's probability."""
+    from .causal import causal_trace
+    from .models import load_model
+
+    m, tok = load_model(model)
+    res = causal_trace(m, tok, prompt, subject, target, kind=kind, window=window, samples=samples)
+    folder = res.save(out)
+    typer.echo(f"p(target): clean {res.clean:.3f}, subject noised {res.corrupted:.3f}")
+    for j, (p, t) in enumerate(zip(res.positions, res.tokens)):
+        col = res.effect[:, j]
+        typer.echo(f"  position {p:2d} {t!r:>12}: strongest restore {float(col.max()):.2f} at layer {int(col.argmax())}")
+    typer.echo(f"effects: {(folder / 'effects.json').resolve()}  heatmap: {(folder / 'effects.png').resolve()}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="actscope: %(message)s")
     try:

@@ -58,8 +58,8 @@ class PatchResult:
         }
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """``effects.json``, ``effects.png`` (sites down, positions across) and ``effects.html``."""
-        from .report.plots import heatmap_figure, heatmap_uri
+        """``effects.json``, ``effects.png`` and ``effects.svg`` (sites down, positions across), ``effects.html``."""
+        from .report.plots import heatmap_figure, heatmap_svg, heatmap_uri
 
         import base64
 
@@ -69,6 +69,9 @@ class PatchResult:
         lim = max(float(self.effect.abs().max()), 1e-6)
         png = heatmap_uri((self.effect + lim) / (2 * lim), 0.0, 1.0, (12, 24)).split(",", 1)[1]
         (out / "effects.png").write_bytes(base64.b64decode(png))
+        labels = [f"{p}: {t!r}" for p, t in zip(self.positions, self.tokens)]
+        (out / "effects.svg").write_text(heatmap_svg(self.effect.nan_to_num(0), self.sites, labels,
+                                                     "Normalised effect", -lim, lim))
         import html
 
         cols = " ".join(f"{p}:{html.escape(repr(t))}" for p, t in zip(self.positions, self.tokens))
@@ -118,8 +121,9 @@ def _resolve(site_map: SiteMap, sites: str | Sequence[str]) -> list[Site]:
 
 
 @contextmanager
-def _patch_hooks(model: Any, sites: list[Site], rows: list[int | None], position: int, values: list[torch.Tensor]) -> Iterator[None]:
-    """Replace ``site[i]`` at ``position`` with ``values[i]`` in batch row ``rows[i]`` (None: all)."""
+def _patch_hooks(model: Any, sites: list[Site], rows: list[Any], position: int, values: list[torch.Tensor]) -> Iterator[None]:
+    """Replace ``site[i]`` at ``position`` with ``values[i]`` in batch rows ``rows[i]`` (an index,
+    a slice, or None for all rows). A site may appear several times, for different rows."""
     modules = dict(model.named_modules())
     handles = []
     for site, row, value in zip(sites, rows, values):
@@ -149,6 +153,78 @@ def _patch_hooks(model: Any, sites: list[Site], rows: list[int | None], position
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def _noise_hook(model: Any, noise: torch.Tensor | None, state: dict) -> Iterator[None]:
+    """Add ``noise[sample, position]`` to the embedding output; rows are laid out sample-major
+    (row = sample * state["reps"] + group), positions start at ``state["offset"]``."""
+    if noise is None:
+        yield
+        return
+    sm = SiteMap(model)
+    embed = dict(model.named_modules())[sm.sites["hook_embed"].module_path]
+
+    def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        T = output.shape[1]
+        add = noise[:, state["offset"] : state["offset"] + T].repeat_interleave(state["reps"], dim=0)
+        return output + add.to(output.dtype)
+
+    handle = embed.register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def sweep(
+    model: Any,
+    corrupt_ids: torch.Tensor,
+    groups: list[list[Site]],
+    values: dict[str, torch.Tensor],
+    alignment: dict[int, int],
+    positions: Sequence[int],
+    measure: Metric,
+    noise: torch.Tensor | None = None,
+    method: str = "fast",
+) -> tuple[torch.Tensor, float]:
+    """The patching engine: for each group of sites and each position, run the corrupted input
+    (plus ``noise`` [samples, T, d] on the embeddings, if given) with the group's sites at that
+    position set to ``values[site][alignment[position]]``; return the metric averaged over
+    samples, ``[groups, positions]``, and the corrupted metric."""
+    S = 1 if noise is None else noise.shape[0]
+    G, T = len(groups), corrupt_ids.shape[1]
+    state = {"offset": 0, "reps": 1}
+    with torch.inference_mode(), _noise_hook(model, noise, state):
+        out = model(input_ids=corrupt_ids.expand(S, T), use_cache=True)
+    m_corrupt = float(measure(out.logits[:, -1]).mean())
+    patched = torch.empty(G, len(positions))
+    flat = [(g, site) for g, group in enumerate(groups) for site in group]
+    for j, p in enumerate(positions):
+        vals = [values[site.name][alignment[p]] for _, site in flat]
+        if method == "naive":
+            for g, group in enumerate(groups):
+                state.update(offset=0, reps=1)
+                with torch.inference_mode(), _noise_hook(model, noise, state), \
+                        _patch_hooks(model, group, [None] * len(group), p, [values[s.name][alignment[p]] for s in group]):
+                    logits = model(input_ids=corrupt_ids.expand(S, T), use_cache=False).logits[:, -1]
+                patched[g, j] = measure(logits).mean()
+        elif method == "fast":
+            past = None
+            if p > 0:  # positions before p are exactly the corrupted run's: reuse its KV cache
+                past = copy.deepcopy(out.past_key_values)
+                past.crop(p - T)
+                past.batch_repeat_interleave(G)
+            state.update(offset=p, reps=G)
+            rows = [slice(g, None, G) for g, _ in flat]  # row = sample * G + group
+            with torch.inference_mode(), _noise_hook(model, noise, state), \
+                    _patch_hooks(model, [site for _, site in flat], rows, 0, vals):
+                logits = model(input_ids=corrupt_ids[:, p:].expand(S * G, -1), past_key_values=past,
+                               use_cache=past is not None).logits[:, -1]
+            patched[:, j] = measure(logits).reshape(S, G).mean(0)
+        else:
+            raise ActscopeError(f"method must be 'fast' or 'naive', not {method!r}")
+    return patched, m_corrupt
 
 
 def patch(
@@ -183,32 +259,15 @@ def patch(
     positions = [p for p in (range(T) if positions is None else positions) if p in alignment]
     with torch.inference_mode(), trace(model, resolved) as cache:
         clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
-    clean_acts = {s.name: cache[s.name][0] for s in resolved}
-    with torch.inference_mode():
-        out = model(input_ids=corrupt_ids, use_cache=True)
-    m_clean, m_corrupt = float(measure(clean_logits)[0]), float(measure(out.logits[:, -1])[0])
-    patched = torch.empty(len(resolved), len(positions))
-    if method == "naive":
-        for i, site in enumerate(resolved):
-            for j, p in enumerate(positions):
-                with torch.inference_mode(), _patch_hooks(model, [site], [None], p, [clean_acts[site.name][alignment[p]]]):
-                    patched[i, j] = measure(model(input_ids=corrupt_ids, use_cache=False).logits[:, -1])[0]
-    elif method == "fast":
-        rows = len(resolved)
-        for j, p in enumerate(positions):
-            past = None
-            if p > 0:
-                past = copy.deepcopy(out.past_key_values)
-                past.crop(p - T)
-                past.batch_repeat_interleave(rows)
-            values = [clean_acts[s.name][alignment[p]] for s in resolved]
-            suffix = corrupt_ids[:, p:].expand(rows, -1)
-            with torch.inference_mode(), _patch_hooks(model, resolved, list(range(rows)), 0, values):
-                logits = model(input_ids=suffix, past_key_values=past, use_cache=past is not None).logits[:, -1]
-            patched[:, j] = measure(logits)
-    else:
-        raise ActscopeError(f"method must be 'fast' or 'naive', not {method!r}")
-    denom = m_clean - m_corrupt
-    effect = (patched - m_corrupt) / (denom if abs(denom) > 1e-12 else float("nan"))
+    values = {s.name: cache[s.name][0] for s in resolved}
+    patched, m_corrupt = sweep(model, corrupt_ids, [[s] for s in resolved], values, alignment, positions, measure, method=method)
+    m_clean = float(measure(clean_logits)[0])
     tokens = [tokenizer.decode([int(t)]) for t in corrupt_ids[0, positions].tolist()]
-    return PatchResult([s.name for s in resolved], list(positions), tokens, effect, patched, m_clean, m_corrupt)
+    return PatchResult([s.name for s in resolved], list(positions), tokens,
+                       normalised(patched, m_clean, m_corrupt), patched, m_clean, m_corrupt)
+
+
+def normalised(patched: torch.Tensor, clean: float, corrupted: float) -> torch.Tensor:
+    """``(patched - corrupted) / (clean - corrupted)``; NaN when clean equals corrupted."""
+    denom = clean - corrupted
+    return (patched - corrupted) / (denom if abs(denom) > 1e-12 else float("nan"))

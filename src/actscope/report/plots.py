@@ -132,3 +132,27 @@ def line_chart(series: dict[str, Sequence[float | None]], title: str, xlabel: st
     parts.append("</svg>")
     return (f'<figure class="plot"><figcaption>{html.escape(title)}</figcaption>{"".join(parts)}'
             f'<div class="legend">{" ".join(legend)}</div></figure>')
+
+
+def heatmap_svg(matrix: torch.Tensor, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
+                vmin: float, vmax: float, cell: tuple[int, int] = (14, 64)) -> str:
+    """A labelled heatmap as a standalone SVG (small matrices: one rect per cell, with tooltips)."""
+    rows, cols = matrix.shape
+    left, top = 12 + 7 * max((len(r) for r in row_labels), default=4), 40
+    width, height = left + cols * cell[1] + 10, top + rows * cell[0] + 60
+    norm = ((matrix.double() - vmin) / (vmax - vmin if vmax > vmin else 1.0)).float()
+    rgb = colormap(norm)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+             f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>']
+    for i in range(rows):
+        y = top + i * cell[0]
+        parts.append(f'<text x="{left - 6}" y="{y + cell[0] - 3}" text-anchor="end">{html.escape(row_labels[i])}</text>')
+        for j in range(cols):
+            r, g, b = rgb[i, j].tolist()
+            parts.append(f'<rect x="{left + j * cell[1]}" y="{y}" width="{cell[1]}" height="{cell[0]}" fill="rgb({r},{g},{b})">'
+                         f'<title>{html.escape(row_labels[i])}, {html.escape(col_labels[j])}: {float(matrix[i, j]):.3g}</title></rect>')
+    for j, label in enumerate(col_labels):
+        x = left + j * cell[1] + cell[1] / 2
+        parts.append(f'<text x="{x}" y="{top + rows * cell[0] + 14}" text-anchor="middle">{html.escape(label)}</text>')
+    parts.append(f'<text x="{left}" y="{height - 14}">colour: {vmin:.3g} (dark) to {vmax:.3g} (yellow)</text></svg>')
+    return "".join(parts)
