@@ -1,0 +1,106 @@
+"""Attribution patching: a first-order estimate of every patching effect from 2 forwards + 1 backward.
+
+    res = actscope.attribution_patch(model, tok, clean, corrupted, target=" Paris", foil=" Rome")
+    res.correlation     # Pearson r with real activation patching on the same grid
+
+Definition (METHODS.md): effect(site, position) ~ ``(a_clean - a_corrupt) . d metric / d a``,
+the gradient taken on the corrupted run, normalised like patching effects. The RelP paper found
+r = 0.006 between this estimate and real patching for GPT-2 Large's MLP outputs, so the real
+sweep runs by default (``check=True``) and its correlation is always reported with the estimate.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .patch import Metric, PatchResult, _resolve, make_metric, normalised, patch
+from .sites import Site, SiteMap
+from .trace import trace
+
+
+@dataclass
+class AttributionResult:
+    estimate: PatchResult  # the first-order estimates (effect is normalised)
+    actual: PatchResult | None  # real patching on the same grid, when checked
+    correlation: float | None  # Pearson r between estimate.effect and actual.effect
+
+
+@contextmanager
+def _frozen(model: Any) -> Iterator[None]:
+    """No parameter gradients: the backward pass only needs activation gradients."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    keep = torch.isfinite(a) & torch.isfinite(b)
+    a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
+    denom = (a.norm() * b.norm()).item()
+    return float((a @ b).item() / denom) if denom > 0 else float("nan")
+
+
+def attribution_patch(
+    model: Any,
+    tokenizer: Any,
+    clean: str,
+    corrupted: str,
+    *,
+    sites: str | Sequence[str] = "resid_pre",
+    metric: str | Metric = "logit_diff",
+    target: str | int | None = None,
+    foil: str | int | None = None,
+    check: bool = True,
+) -> AttributionResult:
+    """Estimate every (site, position) patching effect; with ``check``, also run the real sweep."""
+    sm = SiteMap(model)
+    resolved: list[Site] = _resolve(sm, sites)
+    measure = make_metric(tokenizer, metric, target, foil)
+    clean_ids = tokenizer(clean, return_tensors="pt").input_ids.to(model.device)
+    corrupt_ids = tokenizer(corrupted, return_tensors="pt").input_ids.to(model.device)
+    if clean_ids.shape != corrupt_ids.shape:
+        from .errors import ActscopeError
+
+        raise ActscopeError("attribution patching needs prompts of the same length in tokens")
+    with torch.inference_mode(), trace(model, resolved) as cache:
+        m_clean = float(measure(model(input_ids=clean_ids, use_cache=False).logits[:, -1])[0])
+    clean_acts = {s.name: cache[s.name][0].clone() for s in resolved}
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(site: Site, x: torch.Tensor) -> None:
+        if x.requires_grad:
+            x.retain_grad()
+        acts[site.name] = x
+
+    embed = dict(model.named_modules())[sm.sites["hook_embed"].module_path] if "hook_embed" in sm.sites else None
+    handle = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)) if embed is not None else None
+    try:
+        with _frozen(model), torch.enable_grad(), trace(model, resolved, on_activation=keep):
+            logits = model(input_ids=corrupt_ids, use_cache=False).logits[:, -1]
+            value = measure(logits)[0]
+            value.backward()
+    finally:
+        if handle is not None:
+            handle.remove()
+    m_corrupt = float(value.detach())
+    est = torch.stack([
+        ((clean_acts[s.name] - acts[s.name][0].detach()) * acts[s.name].grad[0]).sum(-1) for s in resolved
+    ])  # [sites, positions]
+    T = corrupt_ids.shape[1]
+    tokens = [tokenizer.decode([int(t)]) for t in corrupt_ids[0].tolist()]
+    estimate = PatchResult([s.name for s in resolved], list(range(T)), tokens,
+                           normalised(est + m_corrupt, m_clean, m_corrupt), est + m_corrupt, m_clean, m_corrupt)
+    if not check:
+        return AttributionResult(estimate, None, None)
+    actual = patch(model, tokenizer, clean, corrupted, sites=[s.name for s in resolved], metric=measure)
+    return AttributionResult(estimate, actual, _pearson(estimate.effect, actual.effect))
