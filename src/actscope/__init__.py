@@ -3,6 +3,7 @@
 __version__ = "0.1.0"  # before the imports: submodules read it
 
 from .errors import ActscopeError, DataError, ModelLoadError, SiteError, SiteNotFiredError, StoreError
+from .ablate import ablate, site_mean
 from .attribution import AttributionResult, attribution_patch
 from .causal import causal_trace
 from .data import TokenBatches, load_tokens
@@ -34,6 +35,8 @@ __all__ = [
     "ScanConfig",
     "site_shapes",
     "ActscopeError",
+    "ablate",
+    "site_mean",
     "AttributionResult",
     "attribution_patch",
     "causal_trace",

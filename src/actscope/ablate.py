@@ -1,0 +1,98 @@
+"""Ablation of units (neurons, heads) at any site: zero, mean or resample.
+
+    with actscope.ablate(model, "blocks.3.mlp.hook_post", units=[12, 40]):          # zero
+    with actscope.ablate(model, "blocks.5.attn.hook_z", units=[2], mode="mean", values=means):
+    with actscope.ablate(model, "blocks.5.hook_resid_post", positions=[4], mode="resample", values=other):
+
+``units`` index the first axis after (batch, position): neurons for ``[batch, pos, d]`` sites,
+heads for per-head sites such as ``attn.hook_z``. ``values`` (for "mean" and "resample") is
+anything broadcastable to the selected slice, e.g. ``site_mean(...)[units]`` or another input's
+activations. Per-head sites are edited through their view of the underlying tensor, so the
+model's own layout is respected. Hooks are registered ahead of observers.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .data import load_tokens
+from .errors import ActscopeError
+from .sites import Site, SiteMap
+from .trace import trace
+
+MODES = ("zero", "mean", "resample")
+
+
+def _edit(site: Site, x: torch.Tensor, units: Sequence[int] | None, positions: Sequence[int] | None,
+          mode: str, values: torch.Tensor | None) -> torch.Tensor:
+    out = x.clone()  # observers may hold the original
+    view = site.view(out) if site.view is not None else out
+    sel_pos = slice(None) if positions is None else list(positions)
+    idx: tuple = (slice(None), sel_pos)
+    if units is not None:
+        idx = idx + (list(units),)
+    if positions is not None and units is not None:  # two index lists would pair up: index in two steps
+        target = view[:, sel_pos]
+        target[:, :, list(units)] = 0 if mode == "zero" else values.to(x.dtype)
+        view[:, sel_pos] = target
+        return out
+    view[idx] = 0 if mode == "zero" else values.to(x.dtype)
+    return out
+
+
+@contextmanager
+def ablate(
+    model: Any,
+    site: str,
+    *,
+    units: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    mode: str = "zero",
+    values: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Ablate ``units`` (or the whole site) at ``positions`` (or all) for the block's duration."""
+    if mode not in MODES:
+        raise ActscopeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode != "zero" and values is None:
+        raise ActscopeError(f"mode {mode!r} needs values (e.g. actscope.site_mean(...) or another run's activations)")
+    (resolved,) = SiteMap(model).resolve([site])
+    if resolved.needs_eager_attention:
+        raise ActscopeError("attention patterns cannot be ablated; ablate attn.hook_z heads instead")
+    module = dict(model.named_modules())[resolved.module_path]
+
+    if resolved.io == "in":
+        def pre(mod: Any, args: tuple, kwargs: dict):
+            if args:
+                return (_edit(resolved, args[0], units, positions, mode, values), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": _edit(resolved, kwargs["hidden_states"], units, positions, mode, values)}
+
+        handle = module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+    else:
+        def post(mod: Any, args: tuple, output: Any):
+            if isinstance(output, tuple):
+                i = resolved.index
+                return (*output[:i], _edit(resolved, output[i], units, positions, mode, values), *output[i + 1 :])
+            return _edit(resolved, output, units, positions, mode, values)
+
+        handle = module.register_forward_hook(post, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def site_mean(model: Any, tokenizer: Any, site: str, data: Any = None, seq_len: int = 128,
+              max_tokens: int = 4096, batch_size: int = 8) -> torch.Tensor:
+    """Mean activation of ``site`` over a corpus (default: Python's manual), for mean ablation."""
+    tokens = load_tokens(data, tokenizer, seq_len, max_tokens)
+    total, count = None, 0
+    with torch.inference_mode(), trace(model, [site]) as cache:
+        for batch in tokens.batches(batch_size):
+            model(input_ids=batch.to(model.device), use_cache=False)
+            x = cache[site].double()
+            total = x.sum((0, 1)) if total is None else total + x.sum((0, 1))
+            count += x.shape[0] * x.shape[1]
+    return (total / count).float()

@@ -1,0 +1,55 @@
+"""Ablation: no-op identity, exact zeroing of neurons and heads, mean and resample values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actscope
+from actscope import ablate, site_mean
+
+
+def test_noop_resample_ablation_is_bit_identical(tiny_llama, ids):
+    model, _ = tiny_llama
+    with torch.inference_mode(), actscope.trace(model, "blocks.1.mlp.hook_post") as c:
+        base = model(input_ids=ids).logits
+    own = c["blocks.1.mlp.hook_post"][:, :, [3, 7]]
+    with torch.inference_mode(), ablate(model, "blocks.1.mlp.hook_post", units=[3, 7], mode="resample", values=own):
+        same = model(input_ids=ids).logits
+    assert torch.equal(base, same)
+
+
+def test_zero_ablation_of_neurons_and_heads(tiny_llama, ids):
+    model, _ = tiny_llama
+    with torch.inference_mode():
+        base = model(input_ids=ids).logits
+        with ablate(model, "blocks.0.mlp.hook_post", units=[5, 9]), actscope.trace(model, "blocks.0.mlp.hook_post") as c:
+            out = model(input_ids=ids).logits
+        a = c["blocks.0.mlp.hook_post"]
+        assert torch.equal(a[..., [5, 9]], torch.zeros_like(a[..., [5, 9]])) and a[..., 4].abs().sum() > 0
+        assert not torch.equal(base, out)
+        with ablate(model, "blocks.1.attn.hook_z", units=[2], positions=[3, 4]), actscope.trace(model, "blocks.1.attn.hook_z") as c:
+            model(input_ids=ids)
+        z = c["blocks.1.attn.hook_z"]  # [batch, pos, head, d_head]
+        assert torch.equal(z[:, [3, 4], 2], torch.zeros_like(z[:, [3, 4], 2]))
+        assert z[:, 5, 2].abs().sum() > 0 and z[:, [3, 4], 1].abs().sum() > 0
+
+
+def test_mean_ablation_uses_the_corpus_mean(tiny_llama, ids):
+    model, tok = tiny_llama
+    mean = site_mean(model, tok, "blocks.0.hook_mlp_out", seq_len=32, max_tokens=256)
+    assert mean.shape == (64,)
+    with torch.inference_mode(), ablate(model, "blocks.0.hook_mlp_out", mode="mean", values=mean), \
+            actscope.trace(model, "blocks.0.hook_mlp_out") as c:
+        model(input_ids=ids)
+    assert torch.allclose(c["blocks.0.hook_mlp_out"], mean.expand_as(c["blocks.0.hook_mlp_out"]))
+
+
+def test_bad_ablation_input(tiny_llama):
+    model, _ = tiny_llama
+    with pytest.raises(actscope.ActscopeError, match="needs values"):
+        with ablate(model, "blocks.0.mlp.hook_post", mode="mean"):
+            pass
+    with pytest.raises(actscope.SiteError, match="closest valid sites"):
+        with ablate(model, "blocks.0.mlp.hook_psot"):
+            pass
