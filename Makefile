@@ -31,9 +31,14 @@ browser:
 test: install browser
 	$(PY) -m pytest -q tests
 
+# steering-vectors pins transformers<5 but runs with 5.x: installed without its pins
 bench: install
 	$(PIP) install -e '.[bench]'
+	$(PIP) install --no-deps steering-vectors==0.12.2
 	$(PY) bench/record.py
+	$(PY) bench/scan.py
+	$(PY) bench/patch.py
+	$(PY) bench/steer.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,86 @@
+"""Benchmark: steering-vector extraction and steered generation vs the steering-vectors package.
+
+    python bench/steer.py     # needs steering-vectors (pip install --no-deps steering-vectors scikit-learn)
+
+Same contrastive prompt pairs, layers 8-20, difference of means at the last token, on the
+default model. Reports the time of each extraction, the cosine between the two vectors per
+layer, and the time of 40 greedy tokens steered by each. repeng 0.4.0 is not compared: it
+fails to import with numpy 2 (np.float_), which transformers 5 requires.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+import actscope
+from actscope.steer_effects import calibrate_scale, generate
+
+PAIRS = [
+    ("I love this movie, it was", "I hate this movie, it was"),
+    ("What a wonderful day, I feel", "What a terrible day, I feel"),
+    ("The food was delicious and", "The food was disgusting and"),
+    ("She smiled happily because", "She cried sadly because"),
+    ("This is the best thing that", "This is the worst thing that"),
+    ("I am so grateful for", "I am so angry about"),
+    ("The party was fun and everyone", "The party was awful and everyone"),
+    ("He praised the team for", "He blamed the team for"),
+] * 4
+LAYERS = list(range(8, 21))
+PROMPT = "Today I went to the market and"
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")
+    model, tok = actscope.load_model("default")
+    pos, neg = [p for p, _ in PAIRS], [n for _, n in PAIRS]
+    t0 = time.perf_counter()
+    ours = actscope.steering_vector(model, tok, pos, neg, layers=LAYERS, batch_size=8)
+    t_ours = time.perf_counter() - t0
+    rows = [("actscope extraction", t_ours)]
+    try:
+        from steering_vectors import train_steering_vector
+    except ImportError:
+        train_steering_vector = None
+        print("steering-vectors not installed")
+    if train_steering_vector is not None:
+        t0 = time.perf_counter()
+        theirs = train_steering_vector(model, tok, list(PAIRS), layers=LAYERS, read_token_index=-1,
+                                       show_progress=False, batch_size=8)
+        rows.append(("steering-vectors extraction", time.perf_counter() - t0))
+        cos = [float(torch.nn.functional.cosine_similarity(ours.directions[l], theirs.layer_activations[l].float(), dim=0))
+               for l in LAYERS]
+        print(f"cosine per layer (ours vs steering-vectors): min {min(cos):.6f}, max {max(cos):.6f}")
+    t0 = time.perf_counter()
+    plain = generate(model, tok, PROMPT, 40)
+    rows.append(("plain generation, 40 tokens", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    with ours.apply(model, scale=4.0):
+        steered = generate(model, tok, PROMPT, 40)
+    rows.append(("actscope steered generation", time.perf_counter() - t0))
+    if train_steering_vector is not None:
+        t0 = time.perf_counter()
+        with theirs.apply(model, multiplier=4.0):
+            theirs_text = generate(model, tok, PROMPT, 40)
+        rows.append(("steering-vectors steered generation", time.perf_counter() - t0))
+        print(f"same steered text: {theirs_text == steered}")
+    print("| step | seconds |")
+    print("|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.2f} |")
+    # a readable before/after: the largest scale whose KL to the unsteered output stays <= 0.5 nats
+    scale = calibrate_scale(model, tok, ours, [PROMPT, "My weekend was", "The movie made me feel"], epsilon=0.5, max_scale=4.0, steps=8)
+    print(f"\nKL-bounded scale (KL <= 0.5): {scale:.3f}")
+    for prompt in [PROMPT, "My weekend was", "The movie made me feel"]:
+        print(f"| {prompt!r} | {generate(model, tok, prompt, 20)!r} |", end=" ")
+        for sign in (1, -1):
+            with ours.apply(model, scale=sign * scale):
+                print(f"{generate(model, tok, prompt, 20)!r} |", end=" ")
+        print()
+
+
+if __name__ == "__main__":
+    main()
