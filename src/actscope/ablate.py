@@ -20,6 +20,7 @@ import torch
 
 from .data import load_tokens
 from .errors import ActscopeError
+from .intervene import edit_site
 from .sites import Site, SiteMap
 from .trace import trace
 
@@ -61,23 +62,7 @@ def ablate(
     (resolved,) = SiteMap(model).resolve([site])
     if resolved.needs_eager_attention:
         raise ActscopeError("attention patterns cannot be ablated; ablate attn.hook_z heads instead")
-    module = dict(model.named_modules())[resolved.module_path]
-
-    if resolved.io == "in":
-        def pre(mod: Any, args: tuple, kwargs: dict):
-            if args:
-                return (_edit(resolved, args[0], units, positions, mode, values), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": _edit(resolved, kwargs["hidden_states"], units, positions, mode, values)}
-
-        handle = module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
-    else:
-        def post(mod: Any, args: tuple, output: Any):
-            if isinstance(output, tuple):
-                i = resolved.index
-                return (*output[:i], _edit(resolved, output[i], units, positions, mode, values), *output[i + 1 :])
-            return _edit(resolved, output, units, positions, mode, values)
-
-        handle = module.register_forward_hook(post, prepend=True)
+    handle = edit_site(model, resolved, lambda x: _edit(resolved, x, units, positions, mode, values))
     try:
         yield
     finally:

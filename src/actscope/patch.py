@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ActscopeError
+from .intervene import edit_site
 from .sites import Site, SiteMap
 from .trace import trace
 
@@ -124,30 +125,16 @@ def _resolve(site_map: SiteMap, sites: str | Sequence[str]) -> list[Site]:
 def _patch_hooks(model: Any, sites: list[Site], rows: list[Any], position: int, values: list[torch.Tensor]) -> Iterator[None]:
     """Replace ``site[i]`` at ``position`` with ``values[i]`` in batch rows ``rows[i]`` (an index,
     a slice, or None for all rows). A site may appear several times, for different rows."""
-    modules = dict(model.named_modules())
     handles = []
     for site, row, value in zip(sites, rows, values):
         sel = slice(None) if row is None else row
 
         def swap(h: torch.Tensor, sel=sel, value=value) -> torch.Tensor:
-            h = h.clone()  # observers may hold the original
+            h = h.clone()
             h[sel, position] = value.to(h.dtype)
             return h
 
-        if site.io == "in":
-            def pre(mod, args, kwargs, swap=swap):
-                if args:
-                    return (swap(args[0]), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
-
-            handles.append(modules[site.module_path].register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
-        else:
-            def post(mod, args, output, swap=swap, index=site.index):
-                if isinstance(output, tuple):
-                    return (*output[:index], swap(output[index]), *output[index + 1 :])
-                return swap(output)
-
-            handles.append(modules[site.module_path].register_forward_hook(post, prepend=True))
+        handles.append(edit_site(model, site, swap))
     try:
         yield
     finally:

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from .errors import ActscopeError
+from .intervene import edit_site
 from .sites import SiteMap
 from .trace import trace
 
@@ -152,7 +153,6 @@ def steer(model: Any, vectors: dict[int, torch.Tensor], scale: float = 1.0, posi
     if positions not in POSITIONS:
         raise ActscopeError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
     sm = SiteMap(model)
-    modules = dict(model.named_modules())
     bad = [l for l in vectors if not 0 <= l < sm.n_layers]
     if bad:
         raise ActscopeError(f"layers {bad} do not exist: the model has layers 0..{sm.n_layers - 1}")
@@ -163,27 +163,22 @@ def steer(model: Any, vectors: dict[int, torch.Tensor], scale: float = 1.0, posi
     tracker = _PositionTracker()
     handles = [model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
 
-    def make(layer: int, vec: torch.Tensor):
-        def hook(module: Any, args: tuple, output: Any) -> Any:
-            hidden = output[0] if isinstance(output, tuple) else output
-            add = (scale * vec).to(hidden.dtype).to(hidden.device)
-            if positions != "all":
-                T = hidden.shape[1]
-                pos = torch.arange(tracker.offset, tracker.offset + T, device=hidden.device)
-                limit = tracker.prompt_len or 0
-                mask = (pos < limit) if positions == "prompt" else (pos >= limit)
-                if not bool(mask.any()):
-                    return None
-                hidden = hidden + mask.view(1, T, 1).to(hidden.dtype) * add
-            else:
-                hidden = hidden + add
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    def make(vec: torch.Tensor):
+        def add(hidden: torch.Tensor) -> torch.Tensor:
+            delta = (scale * vec).to(hidden.dtype).to(hidden.device)
+            if positions == "all":
+                return hidden + delta
+            T = hidden.shape[1]
+            pos = torch.arange(tracker.offset, tracker.offset + T, device=hidden.device)
+            limit = tracker.prompt_len or 0
+            mask = (pos < limit) if positions == "prompt" else (pos >= limit)
+            if not bool(mask.any()):
+                return hidden
+            return hidden + mask.view(1, T, 1).to(hidden.dtype) * delta
 
-        return hook
+        return add
 
-    layers = modules[sm.layers_path]
-    # prepend: interventions run before observers, so an open trace records the steered values
-    handles += [layers[l].register_forward_hook(make(l, v), prepend=True) for l, v in vectors.items() if scale != 0]
+    handles += [edit_site(model, sm.sites[f"blocks.{l}.hook_resid_post"], make(v)) for l, v in vectors.items() if scale != 0]
     try:
         yield
     finally:
@@ -199,17 +194,14 @@ def ablate_direction(model: Any, direction: torch.Tensor) -> Iterator[None]:
     """
     r = direction.float() / direction.float().norm().clamp_min(1e-12)
     sm = SiteMap(model)
-    modules = dict(model.named_modules())
-    targets = [modules[sm.sites["hook_embed"].module_path]] if "hook_embed" in sm.sites else []
-    targets += list(modules[sm.layers_path])
+    names = (["hook_embed"] if "hook_embed" in sm.sites else []) + [f"blocks.{l}.hook_resid_post" for l in range(sm.n_layers)]
+    targets = [sm.sites[n] for n in names]
 
-    def hook(module: Any, args: tuple, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
+    def project_out(hidden: torch.Tensor) -> torch.Tensor:
         rr = r.to(hidden.dtype).to(hidden.device)
-        hidden = hidden - (hidden @ rr).unsqueeze(-1) * rr
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hidden - (hidden @ rr).unsqueeze(-1) * rr
 
-    handles = [m.register_forward_hook(hook, prepend=True) for m in targets]
+    handles = [edit_site(model, site, project_out) for site in targets]
     try:
         yield
     finally:

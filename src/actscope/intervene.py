@@ -1,0 +1,37 @@
+"""The one mechanism every intervention uses: replace a site's tensor inside a forward pass.
+
+``edit_site(model, site, fn)`` registers a hook that passes the site's tensor (the module's
+input or output, the right element of a tuple) through ``fn`` and puts the result back. Hooks
+are prepended, so interventions run before observers and an open ``trace`` records the edited
+values. ``fn`` must not modify its argument in place (observers may hold it): clone first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .sites import Site
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+def edit_site(model: Any, site: Site, fn: Edit) -> Any:
+    """Register the edit; returns the hook handle (call ``.remove()`` to undo)."""
+    module = dict(model.named_modules())[site.module_path]
+    if site.io == "in":
+        def pre(mod: Any, args: tuple, kwargs: dict):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+
+    def post(mod: Any, args: tuple, output: Any):
+        if isinstance(output, tuple):
+            i = site.index
+            return (*output[:i], fn(output[i]), *output[i + 1 :])
+        return fn(output)
+
+    return module.register_forward_hook(post, prepend=True)
