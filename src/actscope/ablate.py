@@ -20,7 +20,7 @@ import torch
 
 from .data import load_tokens
 from .errors import ActscopeError
-from .intervene import edit_site
+from .intervene import edits
 from .sites import Site, SiteMap
 from .trace import trace
 
@@ -62,11 +62,8 @@ def ablate(
     (resolved,) = SiteMap(model).resolve([site])
     if resolved.needs_eager_attention:
         raise ActscopeError("attention patterns cannot be ablated; ablate attn.hook_z heads instead")
-    handle = edit_site(model, resolved, lambda x: _edit(resolved, x, units, positions, mode, values))
-    try:
+    with edits(model, [(resolved, lambda x: _edit(resolved, x, units, positions, mode, values))]):
         yield
-    finally:
-        handle.remove()
 
 
 def site_mean(model: Any, tokenizer: Any, site: str, data: Any = None, seq_len: int = 128,

@@ -8,7 +8,8 @@ values. ``fn`` must not modify its argument in place (observers may hold it): cl
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -35,3 +36,16 @@ def edit_site(model: Any, site: Site, fn: Edit) -> Any:
         return fn(output)
 
     return module.register_forward_hook(post, prepend=True)
+
+
+@contextmanager
+def edits(model: Any, pairs: Iterable[tuple[Site, Edit]]) -> Iterator[None]:
+    """Apply ``(site, fn)`` edits for the duration of the block; always removed on exit."""
+    handles = []
+    try:
+        for site, fn in pairs:
+            handles.append(edit_site(model, site, fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

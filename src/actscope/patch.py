@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import ActscopeError
-from .intervene import edit_site
+from .intervene import edits
 from .sites import Site, SiteMap
 from .trace import trace
 
@@ -125,21 +125,17 @@ def _resolve(site_map: SiteMap, sites: str | Sequence[str]) -> list[Site]:
 def _patch_hooks(model: Any, sites: list[Site], rows: list[Any], position: int, values: list[torch.Tensor]) -> Iterator[None]:
     """Replace ``site[i]`` at ``position`` with ``values[i]`` in batch rows ``rows[i]`` (an index,
     a slice, or None for all rows). A site may appear several times, for different rows."""
-    handles = []
-    for site, row, value in zip(sites, rows, values):
-        sel = slice(None) if row is None else row
-
-        def swap(h: torch.Tensor, sel=sel, value=value) -> torch.Tensor:
+    def swap(sel: Any, value: torch.Tensor):
+        def fn(h: torch.Tensor) -> torch.Tensor:
             h = h.clone()
             h[sel, position] = value.to(h.dtype)
             return h
 
-        handles.append(edit_site(model, site, swap))
-    try:
+        return fn
+
+    pairs = [(site, swap(slice(None) if row is None else row, value)) for site, row, value in zip(sites, rows, values)]
+    with edits(model, pairs):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager

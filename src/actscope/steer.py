@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from .errors import ActscopeError
-from .intervene import edit_site
+from .intervene import edits
 from .sites import SiteMap
 from .trace import trace
 
@@ -161,7 +161,7 @@ def steer(model: Any, vectors: dict[int, torch.Tensor], scale: float = 1.0, posi
         if d_model and v.numel() != d_model:
             raise ActscopeError(f"the vector for layer {l} has {v.numel()} dims; the model's residual has {d_model}")
     tracker = _PositionTracker()
-    handles = [model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)]
+    tracker_handle = model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)
 
     def make(vec: torch.Tensor):
         def add(hidden: torch.Tensor) -> torch.Tensor:
@@ -178,12 +178,12 @@ def steer(model: Any, vectors: dict[int, torch.Tensor], scale: float = 1.0, posi
 
         return add
 
-    handles += [edit_site(model, sm.sites[f"blocks.{l}.hook_resid_post"], make(v)) for l, v in vectors.items() if scale != 0]
+    pairs = [(sm.sites[f"blocks.{l}.hook_resid_post"], make(v)) for l, v in vectors.items() if scale != 0]
     try:
-        yield
+        with edits(model, pairs):
+            yield
     finally:
-        for h in handles:
-            h.remove()
+        tracker_handle.remove()
 
 
 @contextmanager
@@ -201,12 +201,8 @@ def ablate_direction(model: Any, direction: torch.Tensor) -> Iterator[None]:
         rr = r.to(hidden.dtype).to(hidden.device)
         return hidden - (hidden @ rr).unsqueeze(-1) * rr
 
-    handles = [edit_site(model, site, project_out) for site in targets]
-    try:
+    with edits(model, [(site, project_out) for site in targets]):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
