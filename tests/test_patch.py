@@ -65,8 +65,32 @@ def test_alignment_lengths_and_outputs(tiny_llama, tmp_path):
     assert (tmp_path / "effects.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(actscope.ActscopeError, match="needs a foil"):
         patch(model, tok, CLEAN, CORRUPT, target=" mat")
-    with pytest.raises(actscope.ActscopeError, match="per-head or pattern sites"):
-        patch(model, tok, CLEAN, CORRUPT, sites=["blocks.0.attn.hook_q"], metric=_metric)
+    with pytest.raises(actscope.ActscopeError, match="attention patterns cannot be patched"):
+        patch(model, tok, CLEAN, CORRUPT, sites=["blocks.0.attn.hook_pattern"], metric=_metric)
+    with pytest.raises(actscope.ActscopeError, match="heads= needs per-head sites"):
+        patch(model, tok, CLEAN, CORRUPT, sites="resid_pre", heads=[0], metric=_metric)
+
+
+def test_per_head_patching_fast_equals_naive_and_heads_add_up(tiny_llama):
+    model, tok = tiny_llama
+    sites = "blocks.*.attn.hook_z"
+    fast = patch(model, tok, CLEAN, CORRUPT, sites=sites, heads=[0, 1, 2, 3], metric=_metric)
+    naive = patch(model, tok, CLEAN, CORRUPT, sites=sites, heads=[0, 1, 2, 3], metric=_metric, method="naive")
+    assert fast.sites[:2] == ["blocks.0.attn.hook_z[head 0]", "blocks.0.attn.hook_z[head 1]"]
+    torch.testing.assert_close(fast.patched, naive.patched, rtol=1e-4, atol=1e-5)
+    whole = patch(model, tok, CLEAN, CORRUPT, sites=["blocks.1.attn.hook_z"], metric=_metric)
+    # patching all heads of a layer at once equals patching its attention output
+    attn = patch(model, tok, CLEAN, CORRUPT, sites=["blocks.1.hook_attn_out"], metric=_metric)
+    torch.testing.assert_close(whole.patched, attn.patched, rtol=1e-4, atol=1e-5)
+
+
+def test_kl_metric_is_zero_for_the_clean_run(tiny_llama):
+    model, tok = tiny_llama
+    res = patch(model, tok, CLEAN, CORRUPT, sites="resid_post", metric="kl")
+    assert res.clean == 0.0 and res.corrupted < 0
+    # the last layer's output at the last position is the final residual: patching it restores
+    # the clean distribution exactly
+    assert float(res.effect[-1, -1]) == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("kind, window", [("resid", 1), ("mlp", 2)])

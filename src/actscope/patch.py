@@ -103,7 +103,7 @@ def make_metric(tokenizer: Any, metric: str | Metric, target: str | int | None, 
         return lambda logits: logits[:, t] - logits[:, f]
     if metric == "prob":
         return lambda logits: torch.softmax(logits.float(), -1)[:, t]
-    raise ActscopeError(f"unknown metric {metric!r}: use logit_diff, prob or a function of the logits")
+    raise ActscopeError(f"unknown metric {metric!r}: use logit_diff, prob, kl or a function of the logits")
 
 
 def _resolve(site_map: SiteMap, sites: str | Sequence[str]) -> list[Site]:
@@ -115,25 +115,47 @@ def _resolve(site_map: SiteMap, sites: str | Sequence[str]) -> list[Site]:
         else:
             expanded.append(n)
     resolved = site_map.resolve(expanded)
-    viewed = [s.name for s in resolved if s.view is not None or s.needs_eager_attention]
-    if viewed:
-        raise ActscopeError(f"patching per-head or pattern sites is not supported yet: {', '.join(viewed[:3])}")
+    patterns = [s.name for s in resolved if s.needs_eager_attention]
+    if patterns:
+        raise ActscopeError(f"attention patterns cannot be patched (they are recomputed): {', '.join(patterns[:3])}; patch attn.hook_z heads")
     return resolved
 
 
+Cell = "Site | tuple[Site, int | None]"  # a site, or (site, head) for per-head sites
+
+
+def _cell(c: Any) -> tuple[Site, int | None]:
+    return c if isinstance(c, tuple) else (c, None)
+
+
+def _value(values: dict[str, torch.Tensor], cell: Any, q: int) -> torch.Tensor:
+    site, head = _cell(cell)
+    v = values[site.name][q]
+    return v if head is None else v[head]
+
+
 @contextmanager
-def _patch_hooks(model: Any, sites: list[Site], rows: list[Any], position: int, values: list[torch.Tensor]) -> Iterator[None]:
-    """Replace ``site[i]`` at ``position`` with ``values[i]`` in batch rows ``rows[i]`` (an index,
-    a slice, or None for all rows). A site may appear several times, for different rows."""
-    def swap(sel: Any, value: torch.Tensor):
+def _patch_hooks(model: Any, cells: list[Any], rows: list[Any], position: int, values: list[torch.Tensor]) -> Iterator[None]:
+    """Replace cell ``i`` (a site, or a (site, head) pair) at ``position`` with ``values[i]`` in
+    batch rows ``rows[i]`` (an index, a slice, or None for all rows). Per-head sites are written
+    through their view of the module's tensor."""
+
+    def swap(site: Site, head: int | None, sel: Any, value: torch.Tensor):
         def fn(h: torch.Tensor) -> torch.Tensor:
             h = h.clone()
-            h[sel, position] = value.to(h.dtype)
+            target = site.view(h) if site.view is not None else h
+            if head is None:
+                target[sel, position] = value.to(h.dtype)
+            else:
+                target[sel, position, head] = value.to(h.dtype)
             return h
 
         return fn
 
-    pairs = [(site, swap(slice(None) if row is None else row, value)) for site, row, value in zip(sites, rows, values)]
+    pairs = []
+    for cell, row, value in zip(cells, rows, values):
+        site, head = _cell(cell)
+        pairs.append((site, swap(site, head, slice(None) if row is None else row, value)))
     with edits(model, pairs):
         yield
 
@@ -163,7 +185,7 @@ def _noise_hook(model: Any, noise: torch.Tensor | None, state: dict) -> Iterator
 def sweep(
     model: Any,
     corrupt_ids: torch.Tensor,
-    groups: list[list[Site]],
+    groups: list[list[Any]],
     values: dict[str, torch.Tensor],
     alignment: dict[int, int],
     positions: Sequence[int],
@@ -173,8 +195,9 @@ def sweep(
 ) -> tuple[torch.Tensor, float]:
     """The patching engine: for each group of sites and each position, run the corrupted input
     (plus ``noise`` [samples, T, d] on the embeddings, if given) with the group's sites at that
-    position set to ``values[site][alignment[position]]``; return the metric averaged over
-    samples, ``[groups, positions]``, and the corrupted metric."""
+    position set to ``values[site][alignment[position]]`` (a group holds sites or (site, head)
+    cells); return the metric averaged over samples, ``[groups, positions]``, and the corrupted
+    metric."""
     S = 1 if noise is None else noise.shape[0]
     G, T = len(groups), corrupt_ids.shape[1]
     state = {"offset": 0, "reps": 1}
@@ -182,14 +205,14 @@ def sweep(
         out = model(input_ids=corrupt_ids.expand(S, T), use_cache=True)
     m_corrupt = float(measure(out.logits[:, -1]).mean())
     patched = torch.empty(G, len(positions))
-    flat = [(g, site) for g, group in enumerate(groups) for site in group]
+    flat = [(g, cell) for g, group in enumerate(groups) for cell in group]
     for j, p in enumerate(positions):
-        vals = [values[site.name][alignment[p]] for _, site in flat]
+        vals = [_value(values, cell, alignment[p]) for _, cell in flat]
         if method == "naive":
             for g, group in enumerate(groups):
                 state.update(offset=0, reps=1)
                 with torch.inference_mode(), _noise_hook(model, noise, state), \
-                        _patch_hooks(model, group, [None] * len(group), p, [values[s.name][alignment[p]] for s in group]):
+                        _patch_hooks(model, group, [None] * len(group), p, [_value(values, c, alignment[p]) for c in group]):
                     logits = model(input_ids=corrupt_ids.expand(S, T), use_cache=False).logits[:, -1]
                 patched[g, j] = measure(logits).mean()
         elif method == "fast":
@@ -201,7 +224,7 @@ def sweep(
             state.update(offset=p, reps=G)
             rows = [slice(g, None, G) for g, _ in flat]  # row = sample * G + group
             with torch.inference_mode(), _noise_hook(model, noise, state), \
-                    _patch_hooks(model, [site for _, site in flat], rows, 0, vals):
+                    _patch_hooks(model, [cell for _, cell in flat], rows, 0, vals):
                 logits = model(input_ids=corrupt_ids[:, p:].expand(S * G, -1), past_key_values=past,
                                use_cache=past is not None).logits[:, -1]
             patched[:, j] = measure(logits).reshape(S, G).mean(0)
@@ -222,13 +245,20 @@ def patch(
     target: str | int | None = None,
     foil: str | int | None = None,
     alignment: dict[int, int] | None = None,
+    heads: Sequence[int] | None = None,
     method: str = "fast",
 ) -> PatchResult:
     """Patch every (site, position) cell; see the module docstring. ``alignment`` maps corrupted
-    positions to clean positions when the prompts differ in length."""
+    positions to clean positions when the prompts differ in length. ``heads`` patches per-head
+    sites (e.g. ``blocks.*.attn.hook_z``) one head at a time: rows become ``site[head h]``.
+    ``metric="kl"`` measures ``-KL(p_clean || p)`` at the last position (0 for the clean run)."""
     site_map = SiteMap(model)
     resolved = _resolve(site_map, sites)
-    measure = make_metric(tokenizer, metric, target, foil)
+    if heads is not None:
+        flat_sites = [s.name for s in resolved if s.view is None]
+        if flat_sites:
+            raise ActscopeError(f"heads= needs per-head sites such as attn.hook_z, not {flat_sites[0]}")
+    measure = make_metric(tokenizer, metric, target, foil) if metric != "kl" else None
     enc = lambda text: tokenizer(text, return_tensors="pt").input_ids.to(model.device)  # noqa: E731
     clean_ids, corrupt_ids = enc(clean), enc(corrupted)
     T = corrupt_ids.shape[1]
@@ -243,11 +273,18 @@ def patch(
     with torch.inference_mode(), trace(model, resolved) as cache:
         clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
     values = {s.name: cache[s.name][0] for s in resolved}
-    patched, m_corrupt = sweep(model, corrupt_ids, [[s] for s in resolved], values, alignment, positions, measure, method=method)
+    if measure is None:  # KL to the clean next-token distribution
+        clean_logp = torch.log_softmax(clean_logits.float(), -1)
+
+        def measure(logits: torch.Tensor) -> torch.Tensor:
+            return -(clean_logp.exp() * (clean_logp - torch.log_softmax(logits.float(), -1))).sum(-1)
+
+    cells = [[s] for s in resolved] if heads is None else [[(s, h)] for s in resolved for h in heads]
+    patched, m_corrupt = sweep(model, corrupt_ids, cells, values, alignment, positions, measure, method=method)
     m_clean = float(measure(clean_logits)[0])
     tokens = [tokenizer.decode([int(t)]) for t in corrupt_ids[0, positions].tolist()]
-    return PatchResult([s.name for s in resolved], list(positions), tokens,
-                       normalised(patched, m_clean, m_corrupt), patched, m_clean, m_corrupt)
+    names = [s.name for s in resolved] if heads is None else [f"{s.name}[head {h}]" for s in resolved for h in heads]
+    return PatchResult(names, list(positions), tokens, normalised(patched, m_clean, m_corrupt), patched, m_clean, m_corrupt)
 
 
 def normalised(patched: torch.Tensor, clean: float, corrupted: float) -> torch.Tensor:
