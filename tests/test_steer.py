@@ -139,3 +139,15 @@ def test_bad_steering_input(tiny_llama):
     with pytest.raises(actscope.ActscopeError, match="positions must be one of"):
         with SteeringVector({0: torch.zeros(64)}).apply(model, positions="later"):
             pass
+
+
+def test_mean_diff_equals_steering_vectors_package(tiny_llama):
+    """Runs when steering-vectors is installed (make bench installs it); reports a skip otherwise."""
+    sv = pytest.importorskip("steering_vectors", reason="steering-vectors comes with `make bench`")
+    model, tok = tiny_llama
+    ours = steering_vector(model, tok, POS, NEG, layers=[0, 1], batch_size=2)
+    theirs = sv.train_steering_vector(model, tok, list(zip(POS, NEG)), layers=[0, 1], read_token_index=-1,
+                                      show_progress=False, batch_size=2)
+    for l in (0, 1):
+        cos = torch.nn.functional.cosine_similarity(ours.directions[l], theirs.layer_activations[l].float(), dim=0)
+        assert float(cos) > 0.999
