@@ -12,6 +12,7 @@ from .models import load_model
 from .patch import PatchResult, patch
 from .record import record
 from .scan import ScanConfig, scan
+from .subspace import subspace_patch
 from .steer import SteeringVector, ablate_direction, steer, steering_vector
 from .sites import Site, SiteMap, resolve_sites
 from .store.reader import ActivationStore, open_store
@@ -32,6 +33,7 @@ __all__ = [
     "ablate_direction",
     "steer",
     "steering_vector",
+    "subspace_patch",
     "ScanConfig",
     "site_shapes",
     "ActscopeError",

@@ -1,0 +1,112 @@
+"""Subspace activation patching, with the check from "Is This the Subspace You Are Looking For?".
+
+    res = actscope.subspace_patch(model, tok, clean, corrupted, "blocks.6.mlp.hook_post", U,
+                                  target=" Paris", foil=" Rome")
+    res["null_fraction"]   # share of each direction that the next reader cannot see
+
+Patching a subspace ``U`` (``[d, k]``, orthonormalised here) replaces only the component of the
+activation inside it: ``h <- h_corrupt + U U^T (h_clean - h_corrupt)`` at the chosen positions.
+The paper shows such a patch can succeed through an *illusion*: the direction mixes a component
+the downstream weights never read (their null space) with a dormant one that patching
+activates. So every result carries ``null_fraction``: for each direction, the share of its
+squared norm in the null space of the weights that read the site next (the down projection for
+``mlp.hook_post``; the next layer's query, key, value and MLP input projections for residual
+sites). A large share is a warning that the effect may not be carried by the direction itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ActscopeError
+from .intervene import edits
+from .patch import Metric, make_metric, normalised
+from .sites import Site, SiteMap
+from .trace import trace
+
+
+def _readers(model: Any, site: Site, sm: SiteMap) -> torch.Tensor:
+    """Rows = the linear maps that read ``site`` next, as one ``[outputs, d]`` matrix."""
+    modules = dict(model.named_modules())
+    if site.name.endswith("mlp.hook_post"):
+        down = modules[site.module_path]  # the down projection reads hook_post
+        w = down.weight.detach().float()
+        return w if w.shape[1] != getattr(down, "nx", -1) else w.T  # GPT-2 Conv1D stores [in, out]
+    if site.layer is None or "resid" not in site.name:
+        raise ActscopeError(f"the null-space check knows mlp.hook_post and residual sites, not {site.name}")
+    nxt = site.layer + (0 if site.name.endswith("resid_pre") else 1)
+    if nxt >= sm.n_layers:
+        raise ActscopeError(f"{site.name} is read by the unembedding only; patch an earlier site")
+    base = f"{sm.layers_path}.{nxt}"
+    mats = []
+    for name, mod in modules.items():
+        if name.startswith(base + ".") and isinstance(mod, torch.nn.Linear):
+            w = mod.weight.detach().float()
+            if w.shape[1] == model.config.hidden_size and not name.endswith(("o_proj", "down_proj", "dense_4h_to_h")):
+                mats.append(w)
+    if not mats:
+        raise ActscopeError(f"no linear reader of width {model.config.hidden_size} found in layer {nxt}")
+    return torch.cat(mats)
+
+
+def null_fraction(readers: torch.Tensor, directions: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
+    """Per direction (columns of ``directions``): share of its squared norm outside the row space
+    of ``readers`` (the null space of the map they define)."""
+    _, s, vh = torch.linalg.svd(readers.double(), full_matrices=False)
+    row_space = vh[s > rtol * s.max()]  # orthonormal rows spanning what the readers see
+    d = directions.double()
+    seen = (row_space @ d).pow(2).sum(0)
+    return (1 - seen / d.pow(2).sum(0)).clamp(0, 1).float()
+
+
+def subspace_patch(
+    model: Any,
+    tokenizer: Any,
+    clean: str,
+    corrupted: str,
+    site: str,
+    directions: torch.Tensor,
+    *,
+    positions: Sequence[int] | None = None,
+    metric: str | Metric = "logit_diff",
+    target: str | int | None = None,
+    foil: str | int | None = None,
+) -> dict:
+    """Patch the span of ``directions`` (``[d, k]``) at ``site`` and ``positions`` (default all)
+    from the clean run into the corrupted run; see the module docstring."""
+    sm = SiteMap(model)
+    (s,) = sm.resolve([site])
+    if s.view is not None or s.needs_eager_attention:
+        raise ActscopeError(f"subspace patching needs a [batch, pos, d] site, not {site}")
+    measure = make_metric(tokenizer, metric, target, foil)
+    clean_ids = tokenizer(clean, return_tensors="pt").input_ids.to(model.device)
+    corrupt_ids = tokenizer(corrupted, return_tensors="pt").input_ids.to(model.device)
+    if clean_ids.shape != corrupt_ids.shape:
+        raise ActscopeError("subspace patching needs prompts of the same length in tokens")
+    U = directions.reshape(directions.shape[0], -1).float()
+    q, _ = torch.linalg.qr(U)
+    with torch.inference_mode(), trace(model, [s]) as cache:
+        m_clean = float(measure(model(input_ids=clean_ids, use_cache=False).logits[:, -1])[0])
+        m_corrupt = float(measure(model(input_ids=corrupt_ids, use_cache=False).logits[:, -1])[0])
+    h_clean, h_corrupt = cache.all(s.name)
+    if q.shape[0] != h_clean.shape[-1]:
+        raise ActscopeError(f"directions have {q.shape[0]} dims; {site} has {h_clean.shape[-1]}")
+    pos = list(range(corrupt_ids.shape[1])) if positions is None else list(positions)
+    delta = (h_clean - h_corrupt)[:, pos] @ q @ q.T  # the clean-minus-corrupt part inside the subspace
+
+    def swap(h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[:, pos] = h[:, pos] + delta.to(h.dtype)
+        return h
+
+    with torch.inference_mode(), edits(model, [(s, swap)]):
+        m_patched = float(measure(model(input_ids=corrupt_ids, use_cache=False).logits[:, -1])[0])
+    frac = null_fraction(_readers(model, s, sm), q)
+    return {
+        "site": s.name, "positions": pos, "metric_clean": m_clean, "metric_corrupted": m_corrupt,
+        "metric_patched": m_patched,
+        "effect": float(normalised(torch.tensor(m_patched), m_clean, m_corrupt)),
+        "null_fraction": frac.tolist(),
+    }
