@@ -55,7 +55,7 @@ def main() -> None:
                for l in LAYERS]
         print(f"cosine per layer (ours vs steering-vectors): min {min(cos):.6f}, max {max(cos):.6f}")
     t0 = time.perf_counter()
-    plain = generate(model, tok, PROMPT, 40)
+    generate(model, tok, PROMPT, 40)
     rows.append(("plain generation, 40 tokens", time.perf_counter() - t0))
     t0 = time.perf_counter()
     with ours.apply(model, scale=4.0):

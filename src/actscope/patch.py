@@ -121,9 +121,6 @@ def _resolve(site_map: SiteMap, sites: str | Sequence[str]) -> list[Site]:
     return resolved
 
 
-Cell = "Site | tuple[Site, int | None]"  # a site, or (site, head) for per-head sites
-
-
 def _cell(c: Any) -> tuple[Site, int | None]:
     return c if isinstance(c, tuple) else (c, None)
 
@@ -167,19 +164,14 @@ def _noise_hook(model: Any, noise: torch.Tensor | None, state: dict) -> Iterator
     if noise is None:
         yield
         return
-    sm = SiteMap(model)
-    embed = dict(model.named_modules())[sm.sites["hook_embed"].module_path]
 
-    def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def add_noise(output: torch.Tensor) -> torch.Tensor:
         T = output.shape[1]
         add = noise[:, state["offset"] : state["offset"] + T].repeat_interleave(state["reps"], dim=0)
         return output + add.to(output.dtype)
 
-    handle = embed.register_forward_hook(hook, prepend=True)
-    try:
+    with edits(model, [(SiteMap(model).sites["hook_embed"], add_noise)]):
         yield
-    finally:
-        handle.remove()
 
 
 def sweep(

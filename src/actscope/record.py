@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from tqdm.auto import tqdm

@@ -11,7 +11,7 @@ on ``lens_samples`` random tokens per batch, layer skipping on the first ``skip_
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -85,7 +85,6 @@ class Scanner:
         self.parallel = "blocks.0.hook_resid_mid" not in sm.sites
         self.modules = dict(model.named_modules())
         self.down = [self.modules[sm.sites[f"blocks.{l}.mlp.hook_post"].module_path] for l in range(self.n_layers)]
-        self.d_ff = None
         act = str(getattr(model.config, "hidden_act", getattr(model.config, "activation_function", ""))).lower()
         self.relu = act in {"relu", "relu2", "relu_squared"}
         self.tau = config.tau if config.tau is not None else (0.0 if self.relu else 0.01)
@@ -94,7 +93,7 @@ class Scanner:
         norm = sm.sites.get("ln_final.hook_normalized")
         self.final_norm = self.modules[norm.module_path] if norm else None
         self.unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if config.patterns and f"blocks.0.attn.hook_pattern" not in sm.sites:
+        if config.patterns and "blocks.0.attn.hook_pattern" not in sm.sites:
             raise ActscopeError(f"model type {sm.model_type!r} has no attention-pattern site")
 
     def sites(self) -> list[str]:

@@ -100,7 +100,6 @@ class ShardWriter:
         self.pool = pool
         self._queue: queue.Queue[PendingShard | None] = queue.Queue(maxsize=depth)
         self._error: StoreError | None = None
-        self.written: list[int] = []
         self._thread = threading.Thread(target=self._run, name="actscope-shard-writer", daemon=True)
         self._thread.start()
 
@@ -113,7 +112,6 @@ class ShardWriter:
                 continue  # drain: after a failure nothing more is written
             try:
                 self.write(item)
-                self.written.append(item.index)
                 if self.pool is not None:
                     self.pool.give([t for chunks in item.tensors.values() for t in chunks])
             except BaseException as exc:  # noqa: BLE001 - reported on the caller's thread
