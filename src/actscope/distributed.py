@@ -18,6 +18,7 @@ from .errors import StoreError
 class Ranks:
     rank: int = 0
     world: int = 1
+    owns_group: bool = False  # we created the process group, so we must tear it down
 
     @classmethod
     def from_env(cls) -> "Ranks":
@@ -26,9 +27,10 @@ class Ranks:
             return cls()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group("gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
 
     def block(self, n: int) -> range:
         """This rank's contiguous share of ``n`` items."""
@@ -44,3 +46,18 @@ class Ranks:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if ok and int(flag.item()) == 0:
             raise StoreError("another rank failed (see its error); re-run the same command to resume")
+
+    def close(self, wait: bool = True) -> None:
+        """Tear down a process group we created, after every rank got here.
+
+        Leaving a gloo group to the interpreter's exit lets its C++ threads die mid-destruction,
+        which aborts the process ("terminate called without an active exception") on slow machines.
+        """
+        if self.world == 1 or not self.owns_group:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            if wait:
+                dist.barrier()
+            dist.destroy_process_group()

@@ -148,6 +148,22 @@ def record(
     uninterrupted run exactly. Returns the opened store (``None`` on non-zero ranks).
     """
     ranks = Ranks.from_env()
+    ok = False
+    try:
+        store = _record(model, tokenizer, sites, data, out, ranks, seq_len=seq_len, batch_size=batch_size,
+                        max_tokens=max_tokens, dtype=dtype, shard_mb=shard_mb, overwrite=overwrite,
+                        progress=progress, text_field=text_field, fsync=fsync, tokens=tokens)
+        ok = True
+        return store
+    finally:
+        ranks.close(wait=ok)  # a failed rank must not wait for peers that may never arrive
+
+
+def _record(
+    model: Any, tokenizer: Any, sites: str | Iterable[str], data: Any, out: str, ranks: Ranks, *,
+    seq_len: int, batch_size: int, max_tokens: int | None, dtype: str, shard_mb: float, overwrite: bool,
+    progress: bool, text_field: str, fsync: bool, tokens: TokenBatches | None,
+) -> ActivationStore | None:
     store_dtype = parse_dtype(dtype)
     assert store_dtype is not None
     limit = context_length(model)
