@@ -32,3 +32,7 @@ class DataError(ActscopeError):
 
 class StoreError(ActscopeError):
     """The activation store is inconsistent with the request, corrupted, or could not be written."""
+
+
+class SparsifyError(ActscopeError):
+    """The model or the activation-sparsity settings cannot be used as asked."""

@@ -138,40 +138,52 @@ class QuantileSketch:
     """Relative-accuracy quantiles of ``|x|`` from log-spaced buckets (the DDSketch idea).
 
     Any quantile is within a factor ``(1 +/- alpha)`` of the exact value; memory is a fixed
-    number of buckets covering ``[min_value, max_value]``; merging adds counts.
+    number of buckets covering ``[min_value, max_value]``; merging adds counts. With
+    ``channels > 1`` the last axis of ``x`` is the channel and each channel gets its own sketch
+    (per-channel thresholds, as CHESS uses), at ``channels x buckets`` memory.
     """
 
-    def __init__(self, alpha: float = 0.01, min_value: float = 1e-8, max_value: float = 1e8) -> None:
+    def __init__(
+        self, alpha: float = 0.01, min_value: float = 1e-8, max_value: float = 1e8, channels: int = 1
+    ) -> None:
         self.gamma = (1 + alpha) / (1 - alpha)
         self.log_gamma = math.log(self.gamma)
         self.min_value = min_value
+        self.channels = channels
         self.offset = math.floor(math.log(min_value) / self.log_gamma)
         self.size = math.ceil(math.log(max_value) / self.log_gamma) - self.offset + 1
-        self.counts = torch.zeros(self.size + 1, dtype=torch.int64)  # slot 0: values below min_value
-        self.n = 0
+        # slot 0 of each channel: values below min_value
+        self.counts = torch.zeros(channels, self.size + 1, dtype=torch.int64)
+        self.n = 0  # values per channel
 
     def update(self, x: torch.Tensor) -> None:
-        a = x.detach().reshape(-1).abs().to(F64)
-        idx = torch.zeros_like(a, dtype=torch.int64)
-        big = a >= self.min_value
-        idx[big] = (torch.ceil(torch.log(a[big]) / self.log_gamma) - self.offset).long().clamp(1, self.size)
-        self.counts += torch.bincount(idx, minlength=self.size + 1)
-        self.n += a.numel()
+        # float32 and in-place ops: this runs on every activation during calibration
+        a = x.detach().reshape(-1, self.channels).abs().float()
+        idx = torch.log(a.clamp(min=self.min_value)).div_(self.log_gamma).ceil_().sub_(self.offset)
+        idx = idx.clamp_(1, self.size).long().masked_fill_(a < self.min_value, 0)
+        if self.channels > 1:
+            idx += torch.arange(self.channels).mul_(self.size + 1)
+        self.counts += torch.bincount(idx.reshape(-1), minlength=self.counts.numel()).view_as(self.counts)
+        self.n += a.shape[0]
 
     def merge(self, o: "QuantileSketch") -> "QuantileSketch":
+        assert o.counts.shape == self.counts.shape, "sketches need equal channels and buckets"
         self.counts += o.counts
         self.n += o.n
         return self
 
-    def quantile(self, q: float) -> float:
+    def quantiles(self, q: float) -> torch.Tensor:
+        """The ``q``-quantile of each channel (float64, ``[channels]``; 0 where below min_value)."""
         if self.n == 0:
-            return float("nan")
-        rank = q * (self.n - 1)
-        i = int(torch.searchsorted(self.counts.cumsum(0), torch.tensor(rank, dtype=torch.int64), right=True))
-        if i == 0:
-            return 0.0
-        k = i + self.offset  # bucket covers (gamma^(k-1), gamma^k]: return its midpoint estimate
-        return 2 * self.gamma**k / (self.gamma + 1)
+            return torch.full((self.channels,), float("nan"), dtype=F64)
+        rank = torch.tensor([[q * (self.n - 1)]], dtype=F64)
+        i = torch.searchsorted(self.counts.cumsum(1).to(F64), rank.expand(self.channels, 1), right=True)[:, 0]
+        k = (i + self.offset).to(F64)  # bucket covers (gamma^(k-1), gamma^k]: its midpoint estimate
+        return torch.where(i == 0, 0.0, 2 * self.gamma**k / (self.gamma + 1))
+
+    def quantile(self, q: float) -> float:
+        """The ``q``-quantile of a one-channel sketch."""
+        return float(self.quantiles(q)[0])
 
 
 class TopK:

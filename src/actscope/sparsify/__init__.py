@@ -1,0 +1,1 @@
+"""Training-free activation sparsity: calibrate thresholds, apply them, measure the speed-up."""

@@ -1,0 +1,235 @@
+"""``apply(model, config)``: run a model with calibrated activation sparsity, without editing it.
+
+Inside the block, each sparsified ``nn.Linear`` is swapped for a ``SparseLinear`` that holds the
+*same* parameters (so ``state_dict`` keys and values do not change) and thresholds its input
+before multiplying. Few rows at a time (decoding) go to the sparse kernel, which reads only the
+weight rows of kept inputs; many rows (prefill, evaluation) use a masked dense matmul with the
+same keep rule. MLP-activation methods (CATS, Top-k, CoreInfer) add a forward hook on the
+activation module; the down projection then skips the channels that became zero.
+On exit the original modules are put back, whatever happened inside.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SparsifyError
+from . import kernel
+from .config import SparsityConfig
+from .layout import layer_modules
+
+KERNEL_MAX_ROWS = 16  # up to this many tokens per call the sparse kernel beats a dense matmul
+
+
+def column_norms(linear: nn.Linear) -> torch.Tensor:
+    """``||W[:, i]||_2`` per input channel: WINA's weight factor."""
+    return linear.weight.detach().float().norm(dim=0)
+
+
+class SparseLinear(nn.Module):
+    """Stands in for an ``nn.Linear``: ``F.linear(x * keep, W, b)`` with ``keep = |x| * scale > thresh``."""
+
+    def __init__(self, linear: nn.Linear, thresh: torch.Tensor, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter objects: nothing is copied or renamed
+        self.bias = linear.bias
+        dev = linear.weight.device
+        self.register_buffer("thresh", thresh.to(dev, torch.float32).reshape(-1), persistent=False)
+        self.register_buffer("scale", None if scale is None else scale.to(dev, torch.float32), persistent=False)
+        self.counter = torch.zeros(2, dtype=torch.int64, device=dev)  # kept inputs, all inputs
+        self._wt: torch.Tensor | None = None
+        self.original = [linear]  # a list, so the original is not registered as a child module
+        self._cpu = None  # the compiled kernel, bound once on CPU so decoding skips the dispatch
+        self._wt_dtype: torch.dtype | None = None
+        self._scale = self.scale if self.scale is not None else torch.empty(0, device=dev)
+        if dev.type == "cpu" and linear.weight.dtype in (torch.float32, torch.bfloat16):
+            self._cpu = kernel.cpu_kernel()
+            if self._cpu is not None:
+                self._wt_dtype = linear.weight.dtype
+                self.transposed()
+
+    def transposed(self) -> torch.Tensor:
+        """``W^T`` [in, out], made on first use: each input channel's weights become contiguous."""
+        if self._wt is None or self._wt.dtype != self.weight.dtype:
+            self._wt = self.weight.detach().t().contiguous()
+        return self._wt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= KERNEL_MAX_ROWS and not torch.is_grad_enabled():
+            if self._cpu is not None and x2.dtype == self._wt_dtype:  # the hot path of CPU decoding
+                y = self._cpu.sparse_linear(x2, self._wt, self.bias, self.thresh, self._scale, self.counter)
+            else:
+                y = kernel.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self.scale, self.counter)
+        else:
+            keep = kernel.mask(x2, self.thresh, self.scale)
+            self.counter += torch.stack([keep.sum(), torch.tensor(keep.numel(), device=keep.device)])
+            y = F.linear(x2 * keep, self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def achieved(self) -> float:
+        kept, total = self.counter.tolist()
+        return 1.0 - kept / total if total else float("nan")
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.thresh.numel() > 1 else "scalar"
+        return f"in={self.in_features}, out={self.out_features}, {kind} threshold"
+
+
+@dataclass
+class _CoreState:
+    """CoreInfer's per-layer core neurons, chosen on the prompt and fixed while decoding."""
+
+    new_prompt: bool | None = None  # set by the model-level pre-hook; None: infer from the call
+    cores: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class SparseAct(nn.Module):
+    """Stands in for an MLP activation module: its output with small entries zeroed.
+
+    ``cats``/``chess``: ``|a| > thresh`` (scalar or per channel); ``topk``: the largest
+    ``(1 - s) d`` per token; ``coreinfer``: the prompt's core neurons, once decoding starts.
+    The original module is kept as ``inner``, so calibration can still observe raw values.
+    """
+
+    def __init__(self, act: nn.Module, method: str, target: float, thresh: torch.Tensor | None,
+                 token_fraction: float, state: "_CoreState"):
+        super().__init__()
+        self.inner, self.method, self.target = act, method, target
+        self.thresh = thresh
+        self.token_fraction, self.state = token_fraction, state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        d = out.shape[-1]
+        keep_n = max(1, round((1.0 - self.target) * d))
+        if self.method in ("cats", "chess"):
+            assert self.thresh is not None
+            return out * (out.abs() > self.thresh.to(out.device))
+        if self.method == "topk":
+            idx = out.abs().topk(keep_n, dim=-1).indices
+            return out * torch.zeros_like(out, dtype=torch.bool).scatter_(-1, idx, True)
+        new_prompt = self.state.new_prompt if self.state.new_prompt is not None else out.shape[-2] > 1
+        if new_prompt:  # the prompt itself runs dense and chooses the core neurons
+            self.state.cores[id(self)] = core_neurons(out, keep_n, self.token_fraction)
+            return out
+        core = self.state.cores.get(id(self))
+        if core is None:
+            raise SparsifyError("coreinfer: decoding started without a prompt; core neurons come from the prefill")
+        return out * (core.unsqueeze(-2) if out.dim() == 3 else core).to(out.dtype)
+
+
+def core_neurons(act: torch.Tensor, keep_n: int, token_fraction: float) -> torch.Tensor:
+    """CoreInfer's sentence-level core neurons, per batch row: ``[batch, d]`` booleans.
+
+    Token-level cores are each token's top ``token_fraction`` of positive activations; the
+    sentence-level cores are the ``keep_n`` neurons that are token-level cores most often.
+    """
+    a = act.detach().float()
+    if a.dim() == 2:
+        a = a.unsqueeze(0)
+    d = a.shape[-1]
+    per_token = max(1, round(token_fraction * d))
+    idx = a.topk(per_token, dim=-1).indices
+    is_core = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True) & (a > 0)
+    counts = is_core.sum(dim=-2).float() + a.clamp(min=0).mean(dim=-2) / (a.abs().max() + 1)  # ties: mean act
+    chosen = counts.topk(keep_n, dim=-1).indices
+    return torch.zeros(a.shape[0], d, dtype=torch.bool, device=a.device).scatter_(-1, chosen, True)
+
+
+class SparsityHandle:
+    """What ``apply`` yields: the swapped modules and the sparsity they actually achieved."""
+
+    def __init__(self, modules: dict[str, SparseLinear], config: SparsityConfig):
+        self.modules, self.config = modules, config
+
+    def achieved(self) -> dict[str, Any]:
+        """Measured share of zeroed inputs: overall (weighted by weight size) and per module."""
+        per = {p: m.achieved for p, m in self.modules.items() if m.counter[1] > 0}
+        sizes = {p: self.modules[p].weight.numel() for p in per}
+        total = sum(sizes.values())
+        overall = sum(per[p] * sizes[p] for p in per) / total if total else float("nan")
+        return {"overall": overall, "targeted": self.config.sparsity, "per_module": per}
+
+    def reset(self) -> None:
+        for m in self.modules.values():
+            m.counter.zero_()
+
+
+def _plan(model: nn.Module, config: SparsityConfig, state: _CoreState) -> dict[str, nn.Module]:
+    """The stand-in module for each sparsified path: linear layers and MLP activations."""
+    modules = dict(model.named_modules())
+    acts = {lm.act: lm for lm in layer_modules(model)}
+    plan: dict[str, nn.Module] = {}
+    for path, target in config.targets.items():
+        if target <= 0:
+            continue
+        module = modules.get(path)
+        if path in acts:
+            thresh = config.thresholds.get(path)
+            token_fraction = float(config.params.get("token_fraction", 0.4))
+            plan[path] = SparseAct(module, config.method, target, thresh, token_fraction, state)
+            for down in acts[path].groups["mlp_out"]:  # reads only the channels left non-zero
+                plan.setdefault(down, SparseLinear(modules[down], torch.zeros(1)))
+        elif isinstance(module, nn.Linear):
+            scale = column_norms(module) if config.method == "wina" else None
+            plan[path] = SparseLinear(module, config.thresholds[path], scale)
+        else:
+            raise SparsifyError(f"the config names {path}, which this model lacks or which is not nn.Linear "
+                                f"(calibrated for model type {config.model_type!r})")
+    return plan
+
+
+def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, new)
+
+
+@contextmanager
+def apply(model: nn.Module, config: SparsityConfig | str) -> Iterator[SparsityHandle]:
+    """Run ``model`` with the sparsity in ``config`` (or a saved config folder) inside the block.
+
+    A config with nothing to zero installs nothing, so outputs stay bit-identical to the dense model.
+    """
+    if not isinstance(config, SparsityConfig):
+        config = SparsityConfig.from_pretrained(config)
+    model_type = getattr(model.config, "model_type", "")
+    if config.model_type and model_type != config.model_type:
+        raise SparsifyError(f"this sparsity config was calibrated on a {config.model_type} model, not {model_type}")
+    if config.is_dense:
+        yield SparsityHandle({}, config)
+        return
+    state = _CoreState()
+    plan = _plan(model, config, state)
+    originals = {path: model.get_submodule(path) for path in plan}
+    handle = None
+    try:
+        if config.method == "coreinfer":
+            handle = model.register_forward_pre_hook(_prompt_detector(state), with_kwargs=True)
+        for path, new in plan.items():
+            _swap(model, path, new)
+        yield SparsityHandle({p: m for p, m in plan.items() if isinstance(m, SparseLinear)}, config)
+    finally:
+        if handle is not None:
+            handle.remove()
+        for path, original in originals.items():
+            _swap(model, path, original)
+
+
+def _prompt_detector(state: _CoreState):
+    """A call without cached keys starts a new prompt: CoreInfer picks new core neurons then."""
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        past = kwargs.get("past_key_values")
+        length = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+        state.new_prompt = past is None or length == 0
+
+    return pre

@@ -1,0 +1,121 @@
+"""The sparse decode kernels: build, load, and a reference implementation they must equal.
+
+On CPU the kernel is C++ (``csrc/sparse_linear.cpp``), compiled once through
+``torch.utils.cpp_extension`` into ``~/.cache/actscope/kernels`` (``make install`` builds it, so a
+fresh machine pays the ~1 min compile at install, not at the first decode). If it cannot be built
+(no compiler, no ninja), we warn once and fall back to the masked dense computation, which gives
+the same numbers without the speed. On CUDA the Triton kernel in ``triton_kernel.py`` is used.
+
+Contract, shared by every implementation (``x [rows, in]``, ``wt [in, out]`` the transposed weight)::
+
+    keep = |x| * scale > thresh              # thresh: one value, or one per input channel
+    y    = (x * keep) @ wt + bias
+    counter += [kept inputs, all inputs]     # achieved sparsity, measured where it happens
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SRC = Path(__file__).with_name("csrc") / "sparse_linear.cpp"
+_state: dict[str, Any] = {}
+
+
+def _build_dir() -> Path:
+    digest = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("ACTSCOPE_CACHE", Path.home() / ".cache" / "actscope"))
+    path = root / "kernels" / f"sparse_linear-{digest}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cpu_kernel(verbose: bool = False) -> Any | None:
+    """The compiled CPU extension, or ``None`` (with one warning) when it cannot be built."""
+    if "cpu" in _state:
+        return _state["cpu"]
+    if os.environ.get("ACTSCOPE_NO_KERNEL"):
+        _state["cpu"] = None
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+        _state["cpu"] = load(
+            name="actscope_sparse_linear", sources=[str(_SRC)], extra_cflags=flags,
+            extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()), verbose=verbose,
+        )
+    except Exception as exc:  # a missing compiler must not stop the user: same numbers, no speed-up
+        warnings.warn(
+            f"actscope: the sparse CPU kernel could not be built ({type(exc).__name__}: {str(exc)[:300]}); "
+            "falling back to masked dense matmuls, which give the same outputs without the speed-up",
+            RuntimeWarning, stacklevel=2,
+        )
+        _state["cpu"] = None
+    return _state["cpu"]
+
+
+def gpu_kernel() -> Any | None:
+    """The Triton kernel module when CUDA and Triton are present, else ``None``."""
+    if "gpu" not in _state:
+        try:
+            if not torch.cuda.is_available():
+                raise ImportError("no CUDA device")
+            from . import triton_kernel
+
+            _state["gpu"] = triton_kernel
+        except ImportError:
+            _state["gpu"] = None
+    return _state["gpu"]
+
+
+def reference(
+    x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, thresh: torch.Tensor,
+    scale: torch.Tensor | None = None, counter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The masked dense computation every kernel must equal (also the fallback)."""
+    keep = mask(x, thresh, scale)
+    if counter is not None:
+        counter += torch.stack([keep.sum(), torch.tensor(keep.numel())]).to(counter)
+    y = (x * keep).to(torch.float32) @ wt.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+def mask(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``|x| * scale > thresh``: the one keep rule shared by kernels, dense paths and calibration."""
+    a = x.abs().to(torch.float32)
+    if scale is not None and scale.numel():
+        a = a * scale
+    return a > thresh
+
+
+def sparse_linear(
+    x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, thresh: torch.Tensor,
+    scale: torch.Tensor | None = None, counter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dispatch to the CUDA, CPU or reference implementation of the contract above."""
+    empty = torch.empty(0, dtype=torch.float32, device=x.device)
+    if x.is_cuda and (gpu := gpu_kernel()) is not None:
+        return gpu.sparse_linear(x, wt, bias, thresh, scale if scale is not None else empty, counter)
+    if not x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and (cpu := cpu_kernel()) is not None:
+        if counter is None:
+            counter = torch.empty(0, dtype=torch.int64)
+        return cpu.sparse_linear(x, wt, bias, thresh, scale if scale is not None else empty, counter)
+    return reference(x, wt, bias, thresh, scale, counter)
+
+
+def kernel_status() -> dict[str, bool]:
+    """Which kernels are usable here: ``{"cpu": ..., "gpu": ...}``."""
+    return {"cpu": cpu_kernel() is not None, "gpu": gpu_kernel() is not None}
+
+
+if __name__ == "__main__":  # `python -m actscope.sparsify.kernel`: build at install time
+    ok = cpu_kernel(verbose=False) is not None
+    print(f"actscope sparse CPU kernel: {'built' if ok else 'NOT built (fallback to dense)'} in {_build_dir()}")
