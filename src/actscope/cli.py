@@ -157,23 +157,35 @@ def generate(
     scale: float = typer.Option(1.0, "--scale"),
     positions: str = typer.Option("all", "--positions", help="all, prompt or generated"),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
-    compare: bool = typer.Option(False, "--compare", help="also print the unsteered continuation"),
+    compare: bool = typer.Option(False, "--compare", help="also print the unsteered (or dense) continuation"),
+    sparsity_path: Optional[str] = typer.Option(None, "--sparsity", help="a folder from `actscope sparsify calibrate`"),
 ) -> None:
-    """Greedy generation, optionally steered."""
-    from contextlib import nullcontext
+    """Greedy generation, optionally steered and/or with activation sparsity."""
+    import time
+    from contextlib import ExitStack
 
     from .models import load_model
+    from .sparsify import apply as apply_sparsity
     from .steer import SteeringVector
     from .steer_effects import generate as run_generate
 
     m, tok = load_model(model)
     vec = SteeringVector.from_pretrained(steer_path) if steer_path else None
-    if compare and vec is not None:
-        typer.echo(f"[unsteered] {prompt}{run_generate(m, tok, prompt, max_new_tokens)}")
-    with vec.apply(m, scale, positions=positions) if vec is not None else nullcontext():
+    if compare and (vec is not None or sparsity_path):
+        typer.echo(f"[plain] {prompt}{run_generate(m, tok, prompt, max_new_tokens)}")
+    with ExitStack() as stack:
+        if vec is not None:
+            stack.enter_context(vec.apply(m, scale, positions=positions))
+        handle = stack.enter_context(apply_sparsity(m, sparsity_path)) if sparsity_path else None
+        start = time.perf_counter()
         text = run_generate(m, tok, prompt, max_new_tokens)
+        seconds = time.perf_counter() - start
     label = f"[steered x{scale:g}] " if vec is not None else ""
     typer.echo(f"{label}{prompt}{text}")
+    if handle is not None:
+        got = handle.achieved()
+        typer.echo(f"[{got['targeted']:.0%} {handle.config.method}: achieved {got['overall']:.1%} sparsity, "
+                   f"{max_new_tokens / seconds:.1f} tok/s]", err=True)
 
 
 @app.command()
@@ -232,6 +244,11 @@ def trace_cmd(
         col = res.effect[:, j]
         typer.echo(f"  position {p:2d} {t!r:>12}: strongest restore {float(col.max()):.2f} at layer {int(col.argmax())}")
     typer.echo(f"effects: {(folder / 'effects.json').resolve()}  heatmap: {(folder / 'effects.png').resolve()}")
+
+
+from .cli_sparsify import sparsify_app  # noqa: E402  (sub-commands live in their own module)
+
+app.add_typer(sparsify_app, name="sparsify")
 
 
 def main() -> None:

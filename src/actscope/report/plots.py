@@ -87,20 +87,22 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def line_chart(series: dict[str, Sequence[float | None]], title: str, xlabel: str, ylabel: str,
-               width: int = 520, height: int = 260, log: bool = False) -> str:
-    """An SVG line chart of one or more series over a shared integer x axis (e.g. layers)."""
+               width: int = 520, height: int = 260, log: bool = False, x: Sequence[float] | None = None) -> str:
+    """An SVG line chart of one or more series over a shared x axis: integers (layers) or ``x``."""
     pad_l, pad_r, pad_t, pad_b = 56, 12, 10, 36
-    points = {k: [(i, float(v)) for i, v in enumerate(vals) if v is not None and math.isfinite(float(v)) and (not log or float(v) > 0)]
+    xv = list(x) if x is not None else None
+    points = {k: [(xv[i] if xv else i, float(v)) for i, v in enumerate(vals)
+                  if v is not None and math.isfinite(float(v)) and (not log or float(v) > 0)]
               for k, vals in series.items()}
     ys = [y for pts in points.values() for _, y in pts]
-    xs = [x for pts in points.values() for x, _ in pts]
+    xs = [xp for pts in points.values() for xp, _ in pts]
     if not ys:
         return f'<figure class="plot"><figcaption>{html.escape(title)}: no data</figcaption></figure>'
     f = (lambda y: math.log10(y)) if log else (lambda y: y)
     y_lo, y_hi = min(map(f, ys)), max(map(f, ys))
     if y_hi == y_lo:
         y_lo, y_hi = y_lo - 1, y_hi + 1
-    x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1)
+    x_lo, x_hi = min(xs), (max(xs) if xv and max(xs) > min(xs) else max(max(xs), min(xs) + 1))
     W, H = width - pad_l - pad_r, height - pad_t - pad_b
 
     def px(x: float) -> float:
@@ -116,18 +118,19 @@ def line_chart(series: dict[str, Sequence[float | None]], title: str, xlabel: st
         label = f"{10 ** t:.3g}" if log else f"{t:.3g}"
         parts.append(f'<line x1="{pad_l}" x2="{pad_l + W}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
                      f'<text x="{pad_l - 4}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
-    for t in _ticks(x_lo, x_hi, 10):
-        if float(t).is_integer():
-            parts.append(f'<text x="{px(t):.1f}" y="{pad_t + H + 14}" text-anchor="middle">{int(t)}</text>')
+    for t in (xv if xv else _ticks(x_lo, x_hi, 10)):
+        if xv or float(t).is_integer():
+            label = f"{t:.3g}" if xv else str(int(t))
+            parts.append(f'<text x="{px(t):.1f}" y="{pad_t + H + 14}" text-anchor="middle">{label}</text>')
     parts.append(f'<text x="{pad_l + W / 2}" y="{height - 4}" text-anchor="middle">{html.escape(xlabel)}</text>')
     parts.append(f'<text x="12" y="{pad_t + H / 2}" text-anchor="middle" transform="rotate(-90 12 {pad_t + H / 2})">{html.escape(ylabel)}</text>')
     legend = []
     for k, (name, pts) in enumerate(points.items()):
         color = PALETTE[k % len(PALETTE)]
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        path = " ".join(f"{px(xp):.1f},{py(y):.1f}" for xp, y in pts)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
-        for x, y in pts:
-            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="{color}"><title>{html.escape(name)} @ {x}: {y:.4g}</title></circle>')
+        for xp, y in pts:
+            parts.append(f'<circle cx="{px(xp):.1f}" cy="{py(y):.1f}" r="2" fill="{color}"><title>{html.escape(name)} @ {xp}: {y:.4g}</title></circle>')
         legend.append(f'<span style="color:{color}">&#9632; {html.escape(name)}</span>')
     parts.append("</svg>")
     return (f'<figure class="plot"><figcaption>{html.escape(title)}</figcaption>{"".join(parts)}'

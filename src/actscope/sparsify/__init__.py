@@ -1,1 +1,19 @@
-"""Training-free activation sparsity: calibrate thresholds, apply them, measure the speed-up."""
+"""Training-free activation sparsity: calibrate thresholds, apply them, measure the speed-up.
+
+    config = actscope.sparsify.calibrate(model, tokenizer, method="wina", sparsity=0.5)
+    config.save_pretrained("wina-50")
+    with actscope.sparsify.apply(model, "wina-50") as handle:
+        model.generate(...)
+        handle.achieved()          # measured share of zeroed inputs
+"""
+
+from .swap import SparseAct, SparseLinear, SparsityHandle, apply
+from .calibrate import calibrate
+from .config import METHODS, SparsityConfig
+from .evaluate import SparsityEval, evaluate, perplexity
+from .kernel import kernel_status
+
+__all__ = [
+    "METHODS", "SparseAct", "SparseLinear", "SparsityConfig", "SparsityEval", "SparsityHandle",
+    "apply", "calibrate", "evaluate", "kernel_status", "perplexity",
+]

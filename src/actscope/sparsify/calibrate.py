@@ -39,7 +39,7 @@ from ..errors import SparsifyError
 from ..sites import Site
 from ..stats import QuantileSketch
 from ..trace import trace
-from .apply import SparseAct, apply, column_norms
+from .swap import SparseAct, apply, column_norms
 from .config import METHODS, SparsityConfig
 from .kernel import mask
 from .layout import layer_modules

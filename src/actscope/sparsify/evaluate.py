@@ -1,0 +1,158 @@
+"""Perplexity against sparsity, and the PPL-p% sparsity: how far each method goes at little cost.
+
+Every held-out row is split into a prompt (its first half) and a continuation. The prompt runs
+with the KV cache, then the continuation is scored from that cache, the way decoding sees it;
+this is also what CoreInfer needs (core neurons are chosen on the prompt, then fixed). For the
+threshold methods the result equals scoring the whole row at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import TokenBatches, load_tokens
+from ..errors import SparsifyError
+from .swap import apply
+from .calibrate import calibrate
+from .config import SparsityConfig
+
+DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
+
+
+def perplexity(model: nn.Module, tokens: TokenBatches, config: SparsityConfig | None = None,
+               batch_size: int = 4) -> tuple[float, float]:
+    """``(perplexity, achieved sparsity)`` on the continuation halves of ``tokens``' rows."""
+    device = next(model.parameters()).device
+    split = tokens.seq_len // 2
+    nll, count = 0.0, 0
+    with torch.inference_mode(), apply(model, config or SparsityConfig("teal", 0.0)) as handle:
+        totals = {p: torch.zeros_like(m.counter) for p, m in handle.modules.items()}
+        for batch in tokens.batches(batch_size):
+            batch = batch.to(device)
+            first = model(input_ids=batch[:, :split], use_cache=True)
+            handle.reset()  # achieved sparsity is measured where it pays: on the continuation
+            rest = model(input_ids=batch[:, split:-1], past_key_values=first.past_key_values, use_cache=True)
+            for p, m in handle.modules.items():
+                totals[p] += m.counter
+            logits = torch.cat([first.logits[:, -1:], rest.logits], dim=1).float()
+            targets = batch[:, split:]
+            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            count += targets.numel()
+        for p, m in handle.modules.items():
+            m.counter.copy_(totals[p])
+        achieved = handle.achieved()["overall"] if handle.modules else 0.0
+    return math.exp(nll / count), achieved
+
+
+@dataclass
+class SparsityEval:
+    """Perplexity-vs-sparsity curves per method, with PPL-p% sparsities."""
+
+    dense_ppl: float
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # method -> points
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def ppl_p_sparsity(self, method: str, p: float) -> float:
+        """Highest sparsity whose perplexity is within ``p``% of dense (linear in log ppl between points)."""
+        limit = math.log(self.dense_ppl * (1 + p / 100))
+        pts = [(0.0, math.log(self.dense_ppl))] + [(c["achieved"], math.log(c["ppl"])) for c in self.curves[method]]
+        pts.sort()
+        best = 0.0
+        for (s0, l0), (s1, l1) in zip(pts, pts[1:]):
+            if l1 <= limit:
+                best = s1
+                continue
+            if l0 <= limit < l1:
+                best = s0 + (limit - l0) / (l1 - l0) * (s1 - s0)
+            break
+        return best
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dense_ppl": self.dense_ppl,
+            "curves": self.curves,
+            "ppl_p_sparsity": {m: {f"{p}%": self.ppl_p_sparsity(m, p) for p in (1, 5)} for m in self.curves},
+            "meta": self.meta,
+        }
+
+    def plot_svg(self) -> str:
+        from ..report.plots import line_chart
+
+        xs = sorted({c["target"] for pts in self.curves.values() for c in pts})
+        series: dict[str, list[float | None]] = {
+            m: [next((c["ppl"] for c in pts if c["target"] == x), None) for x in xs] for m, pts in self.curves.items()
+        }
+        series["dense"] = [self.dense_ppl] * len(xs)
+        return line_chart(series, "Perplexity vs sparsity (held-out text)", "target sparsity", "perplexity",
+                          log=True, x=xs)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """``sparsity_eval.json`` and ``ppl_vs_sparsity.svg``."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sparsity_eval.json").write_text(json.dumps(self.to_dict(), indent=1))
+        (out / "ppl_vs_sparsity.svg").write_text(_standalone(self.plot_svg()))
+        return out
+
+
+def _standalone(figure: str) -> str:
+    """The ``<svg>`` of a report figure as a file of its own: namespace, styles and legend inside."""
+    import re
+
+    svg = figure[figure.index("<svg"): figure.index("</svg>")]
+    svg = svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1)
+    style = ("<style>text{font:11px sans-serif;fill:#333}.frame{fill:none;stroke:#999}"
+             ".grid{stroke:#e4e4e4}</style>")
+    legend = re.findall(r'<span style="color:([^"]+)">&#9632; ([^<]*)</span>', figure)
+    items = "".join(f'<text x="{70 + 90 * i}" y="22" style="fill:{c}">&#9632; {name}</text>'
+                    for i, (c, name) in enumerate(legend))
+    return svg.replace(">", ">" + style, 1) + items + "</svg>\n"
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    data: Any = None,
+    *,
+    methods: Sequence[str] = ("teal", "wina", "cats", "chess", "topk", "coreinfer"),
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    calib_tokens: int = 8192,
+    eval_tokens: int = 8192,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    progress: bool = True,
+    **calibrate_kwargs: Any,
+) -> SparsityEval:
+    """Calibrate each method at each sparsity on the first ``calib_tokens`` of ``data`` and
+    measure perplexity on the next ``eval_tokens`` (held out: calibration never sees them)."""
+    tokens = load_tokens(data, tokenizer, seq_len, calib_tokens + eval_tokens)
+    n_cal = calib_tokens // seq_len
+    if tokens.num_sequences - n_cal < 1:
+        raise SparsifyError(f"the data gives only {tokens.num_tokens} tokens; need more than --calib-tokens "
+                            f"({calib_tokens}) to hold some out for evaluation")
+    cal = TokenBatches(tokens.input_ids[:n_cal], tokens.doc_ids[:n_cal], tokens.source)
+    held = TokenBatches(tokens.input_ids[n_cal:], tokens.doc_ids[n_cal:], tokens.source)
+    dense, _ = perplexity(model, held, None, batch_size)
+    result = SparsityEval(dense, meta={"calib_tokens": cal.num_tokens, "eval_tokens": held.num_tokens,
+                                       "seq_len": seq_len, "source": tokens.source})
+    bar = tqdm(total=len(methods) * len(sparsities), desc="sparsify eval", disable=not progress)
+    for method in methods:
+        points = []
+        for s in sparsities:
+            config = calibrate(model, method=method, sparsity=s, tokens=cal, batch_size=batch_size,
+                               progress=False, **calibrate_kwargs)
+            ppl, achieved = perplexity(model, held, config, batch_size)
+            points.append({"target": s, "achieved": achieved, "ppl": ppl})
+            bar.update(1)
+        result.curves[method] = points
+    bar.close()
+    return result

@@ -1,0 +1,260 @@
+"""Activation sparsity: kernels equal the masked dense computation, thresholds equal independent
+quantiles, 0% is bit-identical, calibrated sparsity holds on held-out tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import VOCAB, tiny_model
+
+from actscope.data import TokenBatches
+from actscope.errors import SparsifyError
+from actscope.sparsify import SparseAct, SparseLinear, SparsityConfig, apply, calibrate, perplexity
+from actscope.sparsify import swap as apply_mod
+from actscope.sparsify.evaluate import SparsityEval
+from actscope.sparsify.kernel import cpu_kernel, reference
+
+METHODS = ["teal", "wina", "cats", "chess", "topk", "coreinfer"]
+
+
+def _tokens(n: int, seq_len: int = 32, seed: int = 0) -> TokenBatches:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, seq_len), generator=g)
+    return TokenBatches(ids, torch.zeros_like(ids, dtype=torch.int32), f"random-{seed}")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", intermediate_size=192)
+
+
+# --- the kernel ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("kind", ["scalar", "channel", "scaled", "bias"])
+def test_kernel_equals_masked_dense(dtype, rows, kind):
+    kern = cpu_kernel()
+    assert kern is not None, "the C++ kernel must build here (gcc and ninja are installed by make)"
+    g = torch.Generator().manual_seed(rows)
+    d_in, d_out = 200, 72
+    x = torch.randn(rows, d_in, generator=g).to(dtype)
+    wt = torch.randn(d_in, d_out, generator=g).to(dtype)
+    bias = torch.randn(d_out, generator=g).to(dtype) if kind == "bias" else None
+    thresh = torch.tensor([0.7])
+    scale = torch.empty(0)
+    if kind == "channel":
+        thresh = torch.rand(d_in, generator=g) * 1.5
+    if kind == "scaled":
+        scale = torch.rand(d_in, generator=g) * 2
+    counter = torch.zeros(2, dtype=torch.int64)
+    got = kern.sparse_linear(x, wt, bias, thresh, scale, counter)
+    ref_counter = torch.zeros(2, dtype=torch.int64)
+    want = reference(x, wt, bias, thresh, scale, ref_counter)
+    assert got.dtype == dtype and got.shape == (rows, d_out)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * 10)
+    assert counter.tolist() == ref_counter.tolist()
+    assert 0 < counter[0] < counter[1]  # the masks really were partial
+
+
+def test_kernel_path_equals_dense_path_in_a_model(llama, monkeypatch):
+    config = calibrate(llama, method="teal", sparsity=0.5, tokens=_tokens(8), progress=False)
+    ids = torch.randint(3, VOCAB, (3, 5))
+    with torch.inference_mode(), apply(llama, config):
+        fast = llama(ids).logits  # 15 rows per call: the kernel path
+        monkeypatch.setattr(apply_mod, "KERNEL_MAX_ROWS", 0)
+        slow = llama(ids).logits  # masked dense matmuls
+    assert torch.allclose(fast, slow, atol=1e-4)
+
+
+# --- exactness at 0% and restoration ----------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_sparsity_is_bit_identical(llama, method):
+    config = calibrate(llama, method=method, sparsity=0.0, tokens=_tokens(4), progress=False)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    with torch.inference_mode():
+        dense = llama(ids).logits
+        with apply(llama, config) as handle:
+            assert not handle.modules
+            sparse = llama(ids).logits
+    assert torch.equal(dense, sparse)
+
+
+def test_modules_restored_even_after_an_error(llama):
+    config = calibrate(llama, method="cats", sparsity=0.5, tokens=_tokens(4), progress=False)
+    before = {n: type(m) for n, m in llama.named_modules()}
+    with pytest.raises(RuntimeError, match="boom"), apply(llama, config):
+        assert any(isinstance(m, (SparseLinear, SparseAct)) for m in llama.modules())
+        raise RuntimeError("boom")
+    assert {n: type(m) for n, m in llama.named_modules()} == before
+
+
+def test_state_dict_unchanged_inside_apply(llama):
+    config = calibrate(llama, method="teal", sparsity=0.5, tokens=_tokens(4), progress=False)
+    keys = list(llama.state_dict())
+    with apply(llama, config):
+        assert list(llama.state_dict()) == keys
+
+
+# --- calibration against independent computations ---------------------------------------------------
+def _captured(model, path: str, tokens: TokenBatches, io: str = "in") -> torch.Tensor:
+    module = model.get_submodule(path)
+    rows = []
+    if io == "in":
+        h = module.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1])))
+    else:
+        h = module.register_forward_hook(lambda m, a, o: rows.append(o.reshape(-1, o.shape[-1])))
+    with torch.inference_mode():
+        for b in tokens.batches(4):
+            model(input_ids=b, use_cache=False)
+    h.remove()
+    return torch.cat(rows).float()
+
+
+def _share_below(values: torch.Tensor, t: torch.Tensor) -> float:
+    return float((values <= t).float().mean())
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
+def test_scalar_thresholds_equal_exact_quantiles(llama, method):
+    tokens = _tokens(16)
+    config = calibrate(llama, method=method, sparsity=0.4, tokens=tokens, passes=1, progress=False)
+    layer = "model.layers.1"
+    if method == "cats":
+        path, io, key = f"{layer}.mlp.act_fn", "out", f"{layer}.mlp.act_fn"
+    else:
+        path, io, key = f"{layer}.mlp.down_proj", "in", f"{layer}.mlp.down_proj"
+    values = _captured(llama, path, tokens, io).abs()
+    if method == "wina":
+        values = values * llama.get_submodule(key).weight.detach().float().norm(dim=0)
+    exact = torch.quantile(values.flatten().double(), 0.4).float()
+    t = config.thresholds[key]
+    assert abs(float(t) - float(exact)) <= 0.011 * float(exact)  # the sketch's 1% relative accuracy
+    assert abs(_share_below(values, t) - 0.4) < 0.01
+
+
+def test_chess_channel_thresholds_equal_independent_computation(llama):
+    tokens = _tokens(16)
+    config = calibrate(llama, method="chess", sparsity=0.5, tokens=tokens, passes=1, progress=False)
+    layer = "model.layers.0"
+    act = _captured(llama, f"{layer}.mlp.act_fn", tokens, "out").abs()
+    importance = _captured(llama, f"{layer}.mlp.up_proj", tokens, "out").abs().mean(0)
+    t_global = torch.quantile((act * importance).flatten().double(), 0.5).float()
+    got = config.thresholds[f"{layer}.mlp.act_fn"]
+    assert got.shape == (act.shape[1],)
+    assert torch.allclose(got * importance, t_global.expand_as(got), rtol=0.03)
+    assert abs(_share_below(act * importance, got * importance) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "cats", "chess"])
+def test_achieved_sparsity_matches_target_on_held_out_tokens(llama, method):
+    config = calibrate(llama, method=method, sparsity=0.5, tokens=_tokens(24, seed=1), progress=False)
+    held = _tokens(12, seed=2)
+    with torch.inference_mode(), apply(llama, config) as handle:
+        for b in held.batches(4):
+            llama(input_ids=b, use_cache=False)
+        got = handle.achieved()
+    assert abs(got["overall"] - 0.5) < 0.02, got["overall"]
+
+
+def test_greedy_allocation_reaches_target_with_unequal_levels(llama):
+    config = calibrate(llama, method="teal", sparsity=0.5, allocation="greedy", tokens=_tokens(16), progress=False)
+    sizes = {p: llama.get_submodule(p).weight.numel() for p in config.targets}
+    mean = sum(config.targets[p] * sizes[p] for p in sizes) / sum(sizes.values())
+    assert 0.5 <= mean < 0.5 + 0.05
+    assert len(set(config.targets.values())) > 1
+
+
+def test_topk_keeps_exactly_k_per_token(llama):
+    config = calibrate(llama, method="topk", sparsity=0.75, progress=False)
+    seen = []
+    with torch.inference_mode(), apply(llama, config):
+        h = llama.get_submodule("model.layers.0.mlp.down_proj").register_forward_pre_hook(
+            lambda m, a: seen.append(a[0]))
+        llama(torch.randint(3, VOCAB, (1, 6)))
+        h.remove()
+    nonzero = (seen[0] != 0).sum(-1)
+    assert torch.all(nonzero == 48)  # 25% of 192 channels, in every token
+
+
+def test_coreinfer_fixes_core_neurons_after_the_prompt(llama):
+    config = calibrate(llama, method="coreinfer", sparsity=0.5, progress=False)
+    prompt = torch.randint(3, VOCAB, (1, 12))
+    act_path = "model.layers.1.mlp.act_fn"
+    prompt_act = _captured(llama, act_path, TokenBatches(prompt, torch.zeros_like(prompt, dtype=torch.int32), "p"), "out")
+    # independent: per token, its top 40% positive neurons; then the 96 most frequent ones
+    per_token = prompt_act.topk(round(0.4 * 192), dim=-1).indices
+    counts = torch.zeros(192)
+    for row, idx in zip(prompt_act, per_token):
+        counts[idx[row[idx] > 0]] += 1
+    seen = []
+    with torch.inference_mode(), apply(llama, config):
+        h = llama.get_submodule("model.layers.1.mlp.down_proj").register_forward_pre_hook(
+            lambda m, a: seen.append(a[0]))
+        out = llama(prompt, use_cache=True)
+        llama(torch.tensor([[5]]), past_key_values=out.past_key_values, use_cache=True)
+        h.remove()
+    prompt_in, decode_in = seen
+    assert (prompt_in != 0).float().mean() > 0.99  # the prompt runs dense
+    active = (decode_in[0, 0] != 0)
+    assert int(active.sum()) == 96
+    # every chosen neuron is at least as frequent as every dropped one
+    assert counts[active].min() >= counts[~active].max()
+
+
+# --- generation, saving, errors --------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["wina", "coreinfer"])
+def test_generation_with_batches_and_left_padding(llama, method):
+    config = calibrate(llama, method=method, sparsity=0.5, tokens=_tokens(8), progress=False)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # left padding
+    with torch.inference_mode(), apply(llama, config) as handle:
+        out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        got = handle.achieved()
+    assert out.shape == (2, 11)
+    assert 0.2 < got["overall"] < 0.8
+
+
+def test_save_and_load_roundtrip(llama, tmp_path):
+    config = calibrate(llama, method="chess", sparsity=0.4, attention=True, tokens=_tokens(8), progress=False)
+    config.save_pretrained(tmp_path / "cfg")
+    back = SparsityConfig.from_pretrained(tmp_path / "cfg")
+    assert back.method == "chess" and back.targets == config.targets and back.params == config.params
+    assert all(torch.equal(back.thresholds[k], config.thresholds[k].float()) for k in config.thresholds)
+    ids = torch.randint(3, VOCAB, (1, 8))
+    with torch.inference_mode():
+        with apply(llama, config):
+            a = llama(ids).logits
+        with apply(llama, str(tmp_path / "cfg")):
+            b = llama(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_clear_errors(llama, tmp_path):
+    with pytest.raises(SparsifyError, match="no layout for model type 'gpt2'"):
+        calibrate(tiny_model("gpt2"), method="teal", tokens=_tokens(2))
+    with pytest.raises(SparsifyError, match="unknown sparsity method"):
+        calibrate(llama, method="magic")
+    with pytest.raises(SparsifyError, match="no sparsity_config.json"):
+        SparsityConfig.from_pretrained(tmp_path)
+    (tmp_path / "sparsity_config.json").write_text("{not json")
+    with pytest.raises(SparsifyError, match="not valid JSON"):
+        SparsityConfig.from_pretrained(tmp_path)
+    qwen = SparsityConfig("teal", 0.5, {}, {"x": 0.5}, {}, "qwen2")
+    with pytest.raises(SparsifyError, match="calibrated on a qwen2 model"):
+        with apply(llama, qwen):
+            pass
+
+
+def test_perplexity_and_ppl_p_sparsity(llama):
+    held = _tokens(4, seq_len=16, seed=3)
+    dense, zero = perplexity(llama, held)
+    config = calibrate(llama, method="teal", sparsity=0.5, tokens=_tokens(8), progress=False)
+    sparse, achieved = perplexity(llama, held, config)
+    assert zero == 0.0 and abs(achieved - 0.5) < 0.05
+    assert dense > 1 and sparse != dense
+    ev = SparsityEval(10.0, {"m": [{"target": 0.2, "achieved": 0.2, "ppl": 10.05},
+                                   {"target": 0.4, "achieved": 0.4, "ppl": 10.6}]})
+    assert ev.ppl_p_sparsity("m", 5) == pytest.approx(0.2 + 0.2 * (0.04879 - 0.00499) / (0.05827 - 0.00499), abs=1e-3)
+    assert ev.ppl_p_sparsity("m", 10) == 0.4
