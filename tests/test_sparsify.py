@@ -57,14 +57,39 @@ def test_kernel_equals_masked_dense(dtype, rows, kind):
     assert 0 < counter[0] < counter[1]  # the masks really were partial
 
 
-def test_kernel_path_equals_dense_path_in_a_model(llama, monkeypatch):
-    config = calibrate(llama, method="teal", sparsity=0.5, tokens=_tokens(8), progress=False)
-    ids = torch.randint(3, VOCAB, (3, 5))
-    with torch.inference_mode(), apply(llama, config):
-        fast = llama(ids).logits  # 15 rows per call: the kernel path
-        monkeypatch.setattr(apply_mod, "KERNEL_MAX_ROWS", 0)
-        slow = llama(ids).logits  # masked dense matmuls
-    assert torch.allclose(fast, slow, atol=1e-4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_kernel_equals_selected_rows(dtype):
+    kern = cpu_kernel()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 80, generator=g).to(dtype)
+    w = torch.randn(120, 80, generator=g).to(dtype)
+    idx = torch.tensor([0, 7, 8, 50, 119])
+    got = kern.rows_linear(x, w, idx)
+    want = torch.zeros(3, 120)
+    want[:, idx] = x.float() @ w[idx].float().t()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * 10)
+    assert torch.count_nonzero(got) == 15
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_kernels_equal_dense_path_in_a_model(llama, monkeypatch, method):
+    """One decoding step after a prompt: sparse kernels (few rows) == masked dense matmuls."""
+    config = calibrate(llama, method=method, sparsity=0.5, tokens=_tokens(8), progress=False)
+    prompt = torch.randint(3, VOCAB, (3, 6))
+    step = torch.randint(3, VOCAB, (3, 1))
+
+    def decode() -> torch.Tensor:
+        with torch.inference_mode(), apply(llama, config):
+            cache = llama(prompt, use_cache=True).past_key_values
+            return llama(step, past_key_values=cache, use_cache=True).logits
+
+    fast = decode()  # 3 rows per call: the kernels, and gate/up computing only kept rows
+    monkeypatch.setattr(apply_mod, "KERNEL_MAX_ROWS", 0)
+    slow = decode()  # masked dense matmuls everywhere
+    assert torch.allclose(fast, slow, atol=1e-4), (fast - slow).abs().max()
+    assert not torch.allclose(fast, llama(step, past_key_values=llama(prompt, use_cache=True).past_key_values).logits,
+                              atol=1e-3)  # and the sparsity really changed the output
 
 
 # --- exactness at 0% and restoration ----------------------------------------------------------------

@@ -14,6 +14,7 @@ from .record import record
 from .scan import ScanConfig, scan
 from .subspace import subspace_patch
 from .steer import SteeringVector, ablate_direction, steer, steering_vector
+from .experts import route_experts
 from .sites import Site, SiteMap, resolve_sites
 from .store.reader import ActivationStore, open_store
 from .trace import ActivationCache, trace
@@ -51,5 +52,6 @@ __all__ = [
     "StoreError",
     "load_model",
     "resolve_sites",
+    "route_experts",
     "trace",
 ]

@@ -1,10 +1,11 @@
 """The sparse decode kernels: build, load, and a reference implementation they must equal.
 
 On CPU the kernel is C++ (``csrc/sparse_linear.cpp``), compiled once through
-``torch.utils.cpp_extension`` into ``~/.cache/actscope/kernels`` (``make install`` builds it, so a
+``torch.utils.cpp_extension`` into ``~/.cache/actscope/kernels`` (``make install`` runs ``python -m actscope.sparsify.build``, so a
 fresh machine pays the ~1 min compile at install, not at the first decode). If it cannot be built
 (no compiler, no ninja), we warn once and fall back to the masked dense computation, which gives
-the same numbers without the speed. On CUDA the Triton kernel in ``triton_kernel.py`` is used.
+the same numbers without the speed. On CUDA the Triton kernel in ``triton_kernel.py`` is used
+when ``ACTSCOPE_TRITON=1`` (opt-in: it has not yet been run on a GPU).
 
 Contract, shared by every implementation (``x [rows, in]``, ``wt [in, out]`` the transposed weight)::
 
@@ -66,6 +67,8 @@ def gpu_kernel() -> Any | None:
         try:
             if not torch.cuda.is_available():
                 raise ImportError("no CUDA device")
+            if not os.environ.get("ACTSCOPE_TRITON"):  # opt-in until verified on a GPU (see triton_kernel.py)
+                raise ImportError("the Triton kernel is opt-in: set ACTSCOPE_TRITON=1")
             from . import triton_kernel
 
             _state["gpu"] = triton_kernel
@@ -114,8 +117,3 @@ def sparse_linear(
 def kernel_status() -> dict[str, bool]:
     """Which kernels are usable here: ``{"cpu": ..., "gpu": ...}``."""
     return {"cpu": cpu_kernel() is not None, "gpu": gpu_kernel() is not None}
-
-
-if __name__ == "__main__":  # `python -m actscope.sparsify.kernel`: build at install time
-    ok = cpu_kernel(verbose=False) is not None
-    print(f"actscope sparse CPU kernel: {'built' if ok else 'NOT built (fallback to dense)'} in {_build_dir()}")

@@ -91,6 +91,38 @@ class _CoreState:
     new_prompt: bool | None = None  # set by the model-level pre-hook; None: infer from the call
     cores: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def is_prompt(self, x: torch.Tensor) -> bool:
+        return self.new_prompt if self.new_prompt is not None else x.dim() >= 2 and x.shape[-2] > 1
+
+
+class RowsLinear(nn.Module):
+    """A gate or up projection that computes only the MLP neurons its activation will keep.
+
+    While decoding, the paired ``SparseAct`` knows which neurons survive: CoreInfer's cores
+    (known before the gate runs), or, for CATS/CHESS/Top-k, the neurons kept by the activation
+    that has just run (``down(act(gate(x)) * up(x))`` calls ``up`` after ``act``). Only those rows
+    of ``W [out, in]`` -- contiguous in PyTorch's layout -- are read; other outputs are zero,
+    which the product with the activation and the down projection ignore.
+    """
+
+    def __init__(self, linear: nn.Linear, act: "SparseAct"):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.original = [linear]  # not child modules
+        self.act = [act]
+        self._cpu = kernel.cpu_kernel() if linear.weight.device.type == "cpu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        idx = self.act[0].kept_rows(x2) if x2.shape[0] <= KERNEL_MAX_ROWS else None
+        if idx is None or self._cpu is None or torch.is_grad_enabled() or x2.dtype != self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        y = self._cpu.rows_linear(x2, self.weight, idx)
+        if self.bias is not None:
+            y[:, idx] += self.bias[idx]
+        return y.reshape(*x.shape[:-1], self.out_features)
+
 
 class SparseAct(nn.Module):
     """Stands in for an MLP activation module: its output with small entries zeroed.
@@ -106,19 +138,37 @@ class SparseAct(nn.Module):
         self.inner, self.method, self.target = act, method, target
         self.thresh = thresh
         self.token_fraction, self.state = token_fraction, state
+        self._last: torch.Tensor | None = None
+        self._core: torch.Tensor | None = None
+        self._core_idx: torch.Tensor | None = None
+
+    def kept_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the neurons that can be non-zero in this decoding step (``None``: all)."""
+        if self.method == "coreinfer":
+            core = self.state.cores.get(id(self))
+            if core is None or self.state.is_prompt(x.unsqueeze(0)):
+                return None
+            if core is not self._core:
+                self._core, self._core_idx = core, core.any(0).nonzero().squeeze(-1)
+            return self._core_idx
+        idx, self._last = self._last, None  # made by the activation call just before, used once
+        return idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)
         d = out.shape[-1]
         keep_n = max(1, round((1.0 - self.target) * d))
-        if self.method in ("cats", "chess"):
-            assert self.thresh is not None
-            return out * (out.abs() > self.thresh.to(out.device))
-        if self.method == "topk":
-            idx = out.abs().topk(keep_n, dim=-1).indices
-            return out * torch.zeros_like(out, dtype=torch.bool).scatter_(-1, idx, True)
-        new_prompt = self.state.new_prompt if self.state.new_prompt is not None else out.shape[-2] > 1
-        if new_prompt:  # the prompt itself runs dense and chooses the core neurons
+        if self.method in ("cats", "chess", "topk"):
+            if self.method == "topk":
+                idx = out.abs().topk(keep_n, dim=-1).indices
+                keep = torch.zeros_like(out, dtype=torch.bool).scatter_(-1, idx, True)
+            else:
+                assert self.thresh is not None
+                keep = out.abs() > self.thresh.to(out.device)
+            flat = keep.reshape(-1, d)
+            self._last = flat.any(0).nonzero().squeeze(-1) if flat.shape[0] <= KERNEL_MAX_ROWS else None
+            return out * keep
+        if self.state.is_prompt(out):  # the prompt itself runs dense and chooses the core neurons
             self.state.cores[id(self)] = core_neurons(out, keep_n, self.token_fraction)
             return out
         core = self.state.cores.get(id(self))
@@ -176,9 +226,13 @@ def _plan(model: nn.Module, config: SparsityConfig, state: _CoreState) -> dict[s
         if path in acts:
             thresh = config.thresholds.get(path)
             token_fraction = float(config.params.get("token_fraction", 0.4))
-            plan[path] = SparseAct(module, config.method, target, thresh, token_fraction, state)
+            act = plan[path] = SparseAct(module, config.method, target, thresh, token_fraction, state)
             for down in acts[path].groups["mlp_out"]:  # reads only the channels left non-zero
                 plan.setdefault(down, SparseLinear(modules[down], torch.zeros(1)))
+            gate_up = acts[path].groups["mlp_in"]
+            if len(gate_up) == 2:  # separate gate and up: compute only the rows that will be kept
+                for proj in gate_up if config.method == "coreinfer" else gate_up[1:]:
+                    plan[proj] = RowsLinear(modules[proj], act)
         elif isinstance(module, nn.Linear):
             scale = column_norms(module) if config.method == "wina" else None
             plan[path] = SparseLinear(module, config.thresholds[path], scale)

@@ -115,7 +115,46 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
   return y;
 }
 
+template <typename T>
+torch::Tensor run_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& idx) {
+  const int64_t rows = x.size(0), in = x.size(1), out = w.size(0), n = idx.size(0);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<float> xf(rows * in);
+  for (int64_t i = 0; i < rows * in; ++i) xf[i] = load(xp, i);
+  auto y = torch::zeros({rows, out}, x.options());
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const T* wr = wp + ip[j] * in;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = xf.data() + r * in;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < in; ++i) acc += xr[i] * load(wr, i);
+        yp[r * out + ip[j]] = static_cast<T>(acc);
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
+
+// y[:, idx] = x @ w[idx].T and zero elsewhere: only the listed output rows of w [out, in] are read
+// (contiguous in PyTorch's layout). Used for the up projection once the gate's kept neurons are known.
+torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor idx) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rows_linear: x [rows, in], w [out, in]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rows_linear: x and w need one dtype");
+  TORCH_CHECK(idx.scalar_type() == torch::kInt64, "rows_linear: idx must be int64");
+  x = x.contiguous();
+  w = w.contiguous();
+  idx = idx.contiguous();
+  if (x.scalar_type() == torch::kFloat32) return run_rows<float>(x, w, idx);
+  if (x.scalar_type() == torch::kBFloat16) return run_rows<at::BFloat16>(x, w, idx);
+  TORCH_CHECK(false, "rows_linear: float32 or bfloat16 only, got ", x.scalar_type());
+}
 
 torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias,
                             torch::Tensor thresh, torch::Tensor scale, torch::Tensor counter) {
@@ -132,4 +171,5 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparse_linear, "y = (x * keep) @ wt + bias, reading only kept rows of wt");
+  m.def("rows_linear", &rows_linear, "y[:, idx] = x @ w[idx].T, zero elsewhere");
 }
