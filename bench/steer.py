@@ -80,6 +80,38 @@ def main() -> None:
             with ours.apply(model, scale=sign * scale):
                 print(f"{generate(model, tok, prompt, 20)!r} |", end=" ")
         print()
+    sentiment_shift(model, tok, ours, scale)
+
+
+NEUTRAL = [
+    "Today I went to the market and", "My weekend was", "The movie made me feel",
+    "When I opened the letter,", "The weather this morning", "After the meeting, my boss",
+    "The new restaurant on our street", "Last summer we travelled to", "My neighbour told me that",
+    "The book I am reading is", "At the end of the day, I", "The train was late, so",
+]
+
+
+def sentiment_shift(model, tok, vec, scale: float, n_tokens: int = 30) -> None:
+    """Steer greedy continuations of neutral prompts both ways; score them with a probe."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sentiment import SentimentProbe, word_balance
+
+    probe = SentimentProbe(model, tok)
+    print(f"\nsentiment probe: held-out accuracy {probe.heldout_accuracy:.2f} on 40 labelled sentences")
+    texts = {"unsteered": [generate(model, tok, p, n_tokens) for p in NEUTRAL]}
+    for sign, name in ((1, f"steered +{scale:.2f}"), (-1, f"steered -{scale:.2f}")):
+        with vec.apply(model, scale=sign * scale):
+            texts[name] = [generate(model, tok, p, n_tokens) for p in NEUTRAL]
+    print("| generations | mean P(positive) (probe) | texts judged positive | word balance (per 100 words) |")
+    print("|---|---|---|---|")
+    for name, outs in texts.items():
+        full = [p + t for p, t in zip(NEUTRAL, outs)]
+        p_pos = probe.score(full)
+        bal = sum(word_balance(t) for t in outs) / len(outs)
+        print(f"| {name} | {float(p_pos.mean()):.2f} | {int((p_pos > 0.5).sum())}/{len(outs)} | {100 * bal:+.1f} |")
 
 
 if __name__ == "__main__":

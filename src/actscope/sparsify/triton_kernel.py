@@ -6,9 +6,10 @@ that input channel: masked-off lanes issue no memory traffic, so a sparse input 
 the weight. Up to 16 rows (a small decoding batch) go through one ``tl.dot``; float32, float16
 and bfloat16 all accumulate in float32.
 
-Status: written against Triton's documented API and checked only by reading -- no GPU was
-available to the session that wrote it. It is therefore opt-in (``ACTSCOPE_TRITON=1``); without
-it CUDA tensors use the masked dense reference, which gives the same outputs without the speed.
+Status: its results are tested against the masked dense reference in Triton's CPU interpreter
+(``TRITON_INTERPRET=1``, tests/test_sparsify.py), but it has not yet run on a GPU: no GPU was
+available to the session that wrote it. If compiling or launching it fails on a GPU, actscope
+warns once and uses the masked dense reference (same outputs, no speed-up).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ MAX_ROWS = 16
 def _sparse_linear_kernel(
     x_ptr, wt_ptr, bias_ptr, thresh_ptr, scale_ptr, y_ptr, kept_ptr,
     rows, d_in, d_out,
-    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -51,7 +52,10 @@ def _sparse_linear_kernel(
         any_keep = tl.max(keep.to(tl.int32), axis=0) > 0  # union over rows: read each kept row once
         w = tl.load(wt_ptr + offs_k[:, None] * d_out + offs_n[None, :],
                     mask=any_keep[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(xk, w, out_dtype=tl.float32)
+        if IEEE:  # float32 in, float32 math: no TF32 rounding, so results match the CPU kernel
+            acc += tl.dot(xk, w, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            acc += tl.dot(xk, w, out_dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_r[:, None] * d_out + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -77,6 +81,7 @@ def sparse_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, 
         x, wt, bias if bias is not None else x, thresh, scale if scale.numel() else thresh, y, kept,
         rows, d_in, d_out,
         HAS_BIAS=bias is not None, PER_CHANNEL=thresh.numel() == d_in, HAS_SCALE=scale.numel() > 0,
+        IEEE=x.dtype == torch.float32,
         BLOCK_R=16, BLOCK_K=64, BLOCK_N=block_n,
     )
     if counter is not None and counter.numel() == 2:
