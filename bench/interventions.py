@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import ExitStack
-
 import torch
 
 import actscope
@@ -75,15 +73,12 @@ def main() -> None:
             return model(ids).logits
 
     def zero_neurons():
-        with torch.inference_mode(), ExitStack() as st:
-            for l in range(30):
-                st.enter_context(actscope.ablate(model, f"blocks.{l}.mlp.hook_post", units=NEURONS))
+        with torch.inference_mode(), actscope.ablate(model, "blocks.*.mlp.hook_post", units=NEURONS):
             return model(ids).logits
 
     def mean_heads():
-        with torch.inference_mode(), ExitStack() as st:
-            for l in range(30):
-                st.enter_context(actscope.ablate(model, f"blocks.{l}.attn.hook_z", units=[3], mode="mean", values=means))
+        with torch.inference_mode(), actscope.ablate(model, "blocks.*.attn.hook_z", units=[3], mode="mean",
+                                                     values=means):
             return model(ids).logits
 
     t_plain = timed(plain)

@@ -45,6 +45,18 @@ def test_mean_ablation_uses_the_corpus_mean(tiny_llama, ids):
     assert torch.allclose(c["blocks.0.hook_mlp_out"], mean.expand_as(c["blocks.0.hook_mlp_out"]))
 
 
+def test_mean_ablation_of_some_heads_takes_a_whole_site_mean(tiny_llama, ids):
+    model, tok = tiny_llama
+    mean = site_mean(model, tok, "blocks.1.attn.hook_z", seq_len=32, max_tokens=256)
+    assert mean.shape == (4, 16)
+    with torch.inference_mode(), ablate(model, "blocks.1.attn.hook_z", units=[1, 3], mode="mean", values=mean), \
+            actscope.trace(model, "blocks.1.attn.hook_z") as c:
+        model(input_ids=ids)
+    z = c["blocks.1.attn.hook_z"]
+    assert torch.allclose(z[:, :, [1, 3]], mean[[1, 3]].expand_as(z[:, :, [1, 3]]))
+    assert not torch.allclose(z[:, :, 0], mean[0].expand_as(z[:, :, 0]))
+
+
 def test_bad_ablation_input(tiny_llama):
     model, _ = tiny_llama
     with pytest.raises(actscope.ActscopeError, match="needs values"):
@@ -53,3 +65,12 @@ def test_bad_ablation_input(tiny_llama):
     with pytest.raises(actscope.SiteError, match="closest valid sites"):
         with ablate(model, "blocks.0.mlp.hook_psot"):
             pass
+
+
+def test_glob_ablates_every_matching_site(tiny_llama, ids):
+    model, _ = tiny_llama
+    with torch.inference_mode(), ablate(model, "blocks.*.mlp.hook_post", units=[0, 5]), \
+            actscope.trace(model, "blocks.*.mlp.hook_post") as c:
+        model(input_ids=ids)
+    for layer in (0, 1):
+        assert torch.count_nonzero(c[f"blocks.{layer}.mlp.hook_post"][..., [0, 5]]) == 0

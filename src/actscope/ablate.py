@@ -14,7 +14,7 @@ model's own layout is respected. Hooks are registered ahead of observers.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -31,6 +31,8 @@ def _edit(site: Site, x: torch.Tensor, units: Sequence[int] | None, positions: S
           mode: str, values: torch.Tensor | None) -> torch.Tensor:
     out = x.clone()  # observers may hold the original
     view = site.view(out) if site.view is not None else out
+    if values is not None and units is not None and values.shape == view.shape[2:]:
+        values = values[list(units)]  # a whole-site mean (as site_mean gives): take the ablated units
     sel_pos = slice(None) if positions is None else list(positions)
     idx: tuple = (slice(None), sel_pos)
     if units is not None:
@@ -47,22 +49,35 @@ def _edit(site: Site, x: torch.Tensor, units: Sequence[int] | None, positions: S
 @contextmanager
 def ablate(
     model: Any,
-    site: str,
+    site: str | Sequence[str],
     *,
     units: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     mode: str = "zero",
-    values: torch.Tensor | None = None,
+    values: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """Ablate ``units`` (or the whole site) at ``positions`` (or all) for the block's duration."""
+    """Ablate ``units`` (or the whole site) at ``positions`` (or all) for the block's duration.
+
+    ``site`` may be a glob or a list (``"blocks.*.mlp.hook_post"``): every matching site is
+    ablated alike; ``values`` is then one tensor for all, or a dict ``{site name: tensor}``.
+    """
     if mode not in MODES:
         raise ActscopeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if mode != "zero" and values is None:
         raise ActscopeError(f"mode {mode!r} needs values (e.g. actscope.site_mean(...) or another run's activations)")
-    (resolved,) = SiteMap(model).resolve([site])
-    if resolved.needs_eager_attention:
+    resolved = SiteMap(model).resolve([site] if isinstance(site, str) else list(site))
+    if any(s.needs_eager_attention for s in resolved):
         raise ActscopeError("attention patterns cannot be ablated; ablate attn.hook_z heads instead")
-    with edits(model, [(resolved, lambda x: _edit(resolved, x, units, positions, mode, values))]):
+
+    def value_for(s: Site) -> torch.Tensor | None:
+        if isinstance(values, Mapping):
+            if s.name not in values:
+                raise ActscopeError(f"values has no entry for {s.name}")
+            return values[s.name]
+        return values
+
+    pairs = [(s, lambda x, s=s, v=value_for(s): _edit(s, x, units, positions, mode, v)) for s in resolved]
+    with edits(model, pairs):
         yield
 
 
