@@ -32,15 +32,17 @@ browser:
 test: install browser
 	$(PY) -m pytest -q tests
 
-# steering-vectors pins transformers<5 but runs with 5.x: installed without its pins
+# steering-vectors and repeng pin old transformers/numpy but run with ours: installed without their pins
 bench: install
 	$(PIP) install -e '.[bench]'
-	$(PIP) install --no-deps steering-vectors==0.12.2
+	$(PIP) install --no-deps steering-vectors==0.12.2 repeng==0.4.0
 	$(PY) bench/record.py
 	$(PY) bench/scan.py
 	$(PY) bench/patch.py
 	$(PY) bench/steer.py
+	$(PY) bench/interventions.py
 	$(PY) bench/sparsify.py
+	$(PY) bench/sparsify.py --dtype bfloat16 --speed-only --methods teal,wina,cats,coreinfer
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,11 +1,12 @@
 """Benchmark: steering-vector extraction and steered generation vs the steering-vectors package.
 
-    python bench/steer.py     # needs steering-vectors (pip install --no-deps steering-vectors scikit-learn)
+    python bench/steer.py     # peers: pip install --no-deps steering-vectors repeng; pip install scikit-learn
 
 Same contrastive prompt pairs, layers 8-20, difference of means at the last token, on the
-default model. Reports the time of each extraction, the cosine between the two vectors per
-layer, and the time of 40 greedy tokens steered by each. repeng 0.4.0 is not compared: it
-fails to import with numpy 2 (np.float_), which transformers 5 requires.
+default model. Reports the time of each extraction, the cosine between the vectors per layer,
+and the time of 40 greedy tokens steered by each. repeng 0.4.0 (PCA of paired differences)
+is compared with ``method="pca"``; it names ``np.float_``, gone in numpy 2, so the alias is
+restored before importing it. Then a sentiment probe scores steered generations.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> None:
         cos = [float(torch.nn.functional.cosine_similarity(ours.directions[l], theirs.layer_activations[l].float(), dim=0))
                for l in LAYERS]
         print(f"cosine per layer (ours vs steering-vectors): min {min(cos):.6f}, max {max(cos):.6f}")
+    repeng_vec = repeng_extraction(model, tok, rows)
     t0 = time.perf_counter()
     generate(model, tok, PROMPT, 40)
     rows.append(("plain generation, 40 tokens", time.perf_counter() - t0))
@@ -67,6 +69,8 @@ def main() -> None:
             theirs_text = generate(model, tok, PROMPT, 40)
         rows.append(("steering-vectors steered generation", time.perf_counter() - t0))
         print(f"same steered text: {theirs_text == steered}")
+    if repeng_vec is not None:
+        repeng_generation(model, tok, repeng_vec, rows)
     print("| step | seconds |")
     print("|---|---|")
     for name, seconds in rows:
@@ -81,6 +85,57 @@ def main() -> None:
                 print(f"{generate(model, tok, prompt, 20)!r} |", end=" ")
         print()
     sentiment_shift(model, tok, ours, scale)
+
+
+def repeng_extraction(model, tok, rows):
+    """repeng's PCA of paired differences against ``steering_vector(method="pca")``: time and cosine."""
+    import numpy as np
+
+    if not hasattr(np, "float_"):
+        np.float_ = np.float64  # repeng 0.4 still names this numpy 1 alias
+    try:
+        from repeng import ControlVector, DatasetEntry
+    except ImportError:
+        print("repeng not installed")
+        return None
+    data = [DatasetEntry(p, n) for p, n in PAIRS]
+    t0 = time.perf_counter()
+    theirs = ControlVector.train(model, tok, data, hidden_layers=LAYERS, batch_size=16, method="pca_diff")
+    rows.append(("repeng extraction (pca_diff)", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    ours = actscope.steering_vector(model, tok, [p for p, _ in PAIRS], [n for _, n in PAIRS], layers=LAYERS,
+                                    method="pca", batch_size=16)
+    rows.append(("actscope extraction (pca)", time.perf_counter() - t0))
+    cos = [abs(float(torch.nn.functional.cosine_similarity(ours.directions[l], torch.from_numpy(theirs.directions[l]), dim=0)))
+           for l in LAYERS]  # a principal axis has no sign of its own
+    print(f"|cosine| per layer (ours pca vs repeng pca_diff): min {min(cos):.6f}, max {max(cos):.6f}")
+    return theirs
+
+
+def repeng_generation(model, tok, theirs, rows) -> None:
+    """Steered generation through repeng's ControlModel vs actscope with the same (GGUF-imported) vector."""
+    import tempfile
+    from pathlib import Path
+
+    from repeng import ControlModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs.export_gguf(str(Path(tmp) / "v.gguf"))
+        ours = actscope.SteeringVector.from_gguf(Path(tmp) / "v.gguf")
+    with ours.apply(model, scale=4.0):
+        t0 = time.perf_counter()
+        ours_text = generate(model, tok, PROMPT, 40)
+        rows.append(("actscope steered generation, repeng's vector", time.perf_counter() - t0))
+    wrapped = ControlModel(model, LAYERS)  # repeng wraps the layers in place; reset and unwrap after
+    try:
+        wrapped.set_control(theirs, 4.0)
+        t0 = time.perf_counter()
+        theirs_text = generate(model, tok, PROMPT, 40)
+        rows.append(("repeng steered generation", time.perf_counter() - t0))
+    finally:
+        wrapped.reset()
+        wrapped.unwrap()
+    print(f"same steered text as repeng: {ours_text == theirs_text}")
 
 
 NEUTRAL = [

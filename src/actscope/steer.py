@@ -77,7 +77,7 @@ class SteeringVector:
 
         writer = gguf.GGUFWriter(str(path), "controlvector")
         writer.add_string("controlvector.model_hint", self.model_type or "unknown")
-        writer.add_int32("controlvector.layer_count", len(self.directions))
+        writer.add_uint32("controlvector.layer_count", len(self.directions))  # as repeng writes it
         for l in self.layers:
             writer.add_tensor(f"direction.{l}", self.directions[l].float().numpy())
         writer.write_header_to_file()
