@@ -41,6 +41,7 @@ bench: install
 	$(PY) bench/patch.py
 	$(PY) bench/steer.py
 	$(PY) bench/interventions.py
+	$(PY) bench/sparse_kernel.py
 	$(PY) bench/sparsify.py
 	$(PY) bench/sparsify.py --dtype bfloat16 --speed-only --methods teal,wina,cats,coreinfer
 

@@ -93,7 +93,7 @@ class SparsityEval:
         }
         series["dense"] = [self.dense_ppl] * len(xs)
         return line_chart(series, "Perplexity vs sparsity (held-out text)", "target sparsity", "perplexity",
-                          log=True, x=xs)
+                          log=True, x=xs, height=340)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """``sparsity_eval.json`` and ``ppl_vs_sparsity.svg``."""
@@ -113,7 +113,7 @@ def _standalone(figure: str) -> str:
     style = ("<style>text{font:11px sans-serif;fill:#333}.frame{fill:none;stroke:#999}"
              ".grid{stroke:#e4e4e4}</style>")
     legend = re.findall(r'<span style="color:([^"]+)">&#9632; ([^<]*)</span>', figure)
-    items = "".join(f'<text x="{70 + 90 * i}" y="22" style="fill:{c}">&#9632; {name}</text>'
+    items = "".join(f'<text x="{66 + 88 * (i % 5)}" y="{24 + 14 * (i // 5)}" style="fill:{c}">&#9632; {name}</text>'
                     for i, (c, name) in enumerate(legend))
     return svg.replace(">", ">" + style, 1) + items + "</svg>\n"
 
