@@ -6,6 +6,9 @@
 Methods over the same batches of 8 x 128 tokens of the default corpus on the default model:
 - plain:            model(batch), default (sdpa) attention: the reference
 - plain-eager:      the same with eager attention (what attention patterns require)
+- plain-no-logits:  model(batch, logits_to_keep=1): the forward without the full unembedding,
+                    which the scan skips too (it rebuilds logits at its sampled positions), so
+                    "scan-no-patterns vs plain-no-logits" is the overhead on equal model work
 - scan:             actscope.scan with attention patterns (end to end: tokenizing, the pass,
                     layer-skip and logit-lens extras, building the report)
 - scan-no-patterns: actscope.scan(patterns=False)
@@ -32,10 +35,10 @@ import actscope
 SEQ, BATCH = 128, 8
 
 
-def plain(model, batches) -> None:
+def plain(model, batches, **kwargs) -> None:
     with torch.inference_mode():
         for b in batches:
-            model(input_ids=b, use_cache=False)
+            model(input_ids=b, use_cache=False, **kwargs)
 
 
 def peak_child(n_tokens: int) -> None:
@@ -65,6 +68,7 @@ def main() -> None:
     methods = {
         "plain": lambda: plain(model, batches),
         "plain-eager": lambda: plain(eager, batches),
+        "plain-no-logits": lambda: plain(model, batches, logits_to_keep=1),
         "scan": lambda: actscope.scan(model, tok, None, max_tokens=args.tokens, progress=False),
         "scan-no-patterns": lambda: actscope.scan(model, tok, None, max_tokens=args.tokens, patterns=False, progress=False),
     }
@@ -81,7 +85,8 @@ def main() -> None:
     print("| method | tokens/s (median) | ratio to plain forward (median of per-round ratios) | per-round |")
     print("|---|---|---|---|")
     rows = {}
-    for name, ref in [(m, "plain") for m in methods] + [("scan", "plain-eager")]:
+    pairs = [(m, "plain") for m in methods] + [("scan", "plain-eager"), ("scan-no-patterns", "plain-no-logits")]
+    for name, ref in pairs:
         per = [a / b for a, b in zip(times[ref], times[name])]
         tps = n / statistics.median(times[name])
         rows[f"{name} vs {ref}"] = {"tokens_per_s": tps, "ratio": statistics.median(per), "per_round": per}

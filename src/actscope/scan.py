@@ -10,6 +10,8 @@ on ``lens_samples`` random tokens per batch, layer skipping on the first ``skip_
 
 from __future__ import annotations
 
+import inspect
+
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -93,6 +95,16 @@ class Scanner:
         norm = sm.sites.get("ln_final.hook_normalized")
         self.final_norm = self.modules[norm.module_path] if norm else None
         self.unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        # The scan reads final logits at a few sampled positions only: when it can rebuild them
+        # (final norm + unembedding, no soft-capping), the model is asked for the last position's
+        # logits alone instead of all B x T x vocab of them.
+        cfg_ = getattr(model, "config", None)
+        self.lazy_logits = (
+            self.final_norm is not None and self.unembed is not None
+            and "logits_to_keep" in inspect.signature(model.forward).parameters
+            and getattr(cfg_, "final_logit_softcapping", None) is None
+            and getattr(getattr(cfg_, "text_config", None), "final_logit_softcapping", None) is None
+        )
         if config.patterns and "blocks.0.attn.hook_pattern" not in sm.sites:
             raise ActscopeError(f"model type {sm.model_type!r} has no attention-pattern site")
 
@@ -131,10 +143,11 @@ class Scanner:
         offset = 0
         with torch.inference_mode(), trace(self.model, self.sites(), on_activation=lambda s, x: acts.__setitem__(s.name, x)):
             for ids in tokens.batches(cfg.batch_size):
-                logits = self.model(input_ids=ids.to(self.model.device), use_cache=False).logits
+                extra = {"logits_to_keep": 1} if self.lazy_logits else {}
+                logits = self.model(input_ids=ids.to(self.model.device), use_cache=False, **extra).logits
                 if stats is None:
                     stats = self.new_stats(tokens, acts["blocks.0.mlp.hook_post"].shape[-1])
-                self._consume(stats, acts, ids, logits, offset, rng)
+                self._consume(stats, acts, ids, None if self.lazy_logits else logits, offset, rng)
                 offset += ids.numel()
                 bar.update(ids.numel())
         bar.close()
@@ -163,9 +176,11 @@ class Scanner:
             if st.attention is not None:
                 st.attention.update(l, acts[p + "attn.hook_pattern"], ids, acts.get(p + "attn.hook_v"), h_in)
             h_in = h_out
-        if final is not None and self.final_norm is not None and self.unembed is not None:
+        if (final is not None or self.lazy_logits) and self.final_norm is not None and self.unembed is not None:
             # one unembedding call for all layers: the matrix is read once per batch, not per layer
             lens = self.unembed(self.final_norm(torch.cat(lens_inputs))).reshape(self.n_layers, len(sample), -1)
+            if final is None:  # lazy logits: the last layer's lens *is* the model's output distribution
+                final = lens[-1]
             for l in range(self.n_layers):
                 st.layers.update_lens(l, kl_to_final(final, lens[l]))
 
@@ -202,9 +217,11 @@ class Scanner:
             final = self.model(input_ids=ids, use_cache=False).logits[0, positions]
         final_top = final.argmax(-1)
         layers = []
+        h = torch.cat([cache[f"blocks.{l}.hook_resid_post"][0, positions] for l in range(self.n_layers)])
+        with torch.inference_mode():  # one unembedding call: the vocab matrix is read once, not per layer
+            all_logits = self.unembed(self.final_norm(h)).reshape(self.n_layers, len(positions), -1)
         for l in range(self.n_layers):
-            h = cache[f"blocks.{l}.hook_resid_post"][0, positions]
-            logits = self.unembed(self.final_norm(h))
+            logits = all_logits[l]
             top_ids = logits.topk(top, dim=-1).indices
             rank = (logits > logits.gather(1, final_top[:, None])).sum(-1)
             layers.append({
