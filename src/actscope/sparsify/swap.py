@@ -4,9 +4,10 @@ Inside the block, each sparsified ``nn.Linear`` is swapped for a ``SparseLinear`
 *same* parameters (so ``state_dict`` keys and values do not change) and thresholds its input
 before multiplying. Few rows at a time (decoding) go to the sparse kernel, which reads only the
 weight rows of kept inputs; many rows (prefill, evaluation) use a masked dense matmul with the
-same keep rule. MLP-activation methods (CATS, Top-k, CoreInfer) add a forward hook on the
-activation module; the down projection then skips the channels that became zero.
-On exit the original modules are put back, whatever happened inside.
+same keep rule. For the MLP-activation methods (CATS, CHESS, Top-k, CoreInfer) the activation
+module is swapped for a ``SparseAct``; the down projection then skips the channels that became
+zero, and a ``RowsLinear`` up (and, for CoreInfer, gate) projection computes only the kept
+neurons. On exit the original modules are put back, whatever happened inside.
 """
 
 from __future__ import annotations
