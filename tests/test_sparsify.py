@@ -319,3 +319,25 @@ def test_triton_kernel_in_interpreter_mode():
     env = dict(os.environ, TRITON_INTERPRET="1")  # must be set before triton is imported
     run = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+def test_without_the_cpu_kernel_the_fallback_gives_the_same_outputs(llama, monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    from actscope.sparsify import kernel
+
+    def broken(*args, **kwargs):
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(kernel, "_state", {})
+    monkeypatch.setattr(cpp, "load", broken)
+    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler"):
+        assert kernel.cpu_kernel() is None
+    config = calibrate(llama, method="teal", sparsity=0.5, tokens=_tokens(8), progress=False)
+    ids = torch.randint(3, VOCAB, (2, 4))
+    with torch.inference_mode(), apply(llama, config):
+        fallback = llama(ids).logits  # 8 rows: the kernel path, served by the reference
+    monkeypatch.undo()  # the compiled kernel is back
+    with torch.inference_mode(), apply(llama, config):
+        compiled = llama(ids).logits
+    assert torch.allclose(fallback, compiled, atol=1e-4)

@@ -101,7 +101,7 @@ def layer_modules(model: nn.Module) -> list[LayerModules]:
             raise SparsifyError(f"MLP activation module {act} not found")
         up = f"{base}.{layout.up}" if layout.up else None
         out.append(LayerModules(layer, groups, act, f"{base}.{layout.query}", up))
-    acts = [dict(model.named_modules())[lm.act] for lm in out]
+    acts = [modules[lm.act] for lm in out]
     if len({id(a) for a in acts}) != len(acts):
         raise SparsifyError("the MLP activation module is shared between layers; per-layer hooks cannot tell them apart")
     return out
