@@ -47,13 +47,13 @@ def decode_rate(model, ids: torch.Tensor, n: int) -> float:
 
 def write_plot(result: dict, path: Path) -> None:
     """The perplexity-vs-sparsity plot of a bench result, as a standalone SVG."""
-    from actscope.sparsify.evaluate import SparsityEval, _standalone
+    from actscope.sparsify.evaluate import SparsityEval, standalone_svg
 
     ev = SparsityEval(result["dense_ppl"])
     for r in result["rows"]:
         ev.curves.setdefault(r["method"], []).append({"target": r["target"], "achieved": r["achieved"], "ppl": r["ppl"]})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_standalone(ev.plot_svg()))
+    path.write_text(standalone_svg(ev.plot_svg()))
     for m in ev.curves:
         print(f"{m:>10}: PPL-1% sparsity {ev.ppl_p_sparsity(m, 1):.1%}, PPL-5% sparsity {ev.ppl_p_sparsity(m, 5):.1%}")
 

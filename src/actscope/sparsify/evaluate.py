@@ -100,11 +100,11 @@ class SparsityEval:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         (out / "sparsity_eval.json").write_text(json.dumps(self.to_dict(), indent=1))
-        (out / "ppl_vs_sparsity.svg").write_text(_standalone(self.plot_svg()))
+        (out / "ppl_vs_sparsity.svg").write_text(standalone_svg(self.plot_svg()))
         return out
 
 
-def _standalone(figure: str) -> str:
+def standalone_svg(figure: str) -> str:
     """The ``<svg>`` of a report figure as a file of its own: namespace, styles and legend inside."""
     import re
 

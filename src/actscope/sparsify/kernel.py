@@ -82,21 +82,27 @@ def reference(
     scale: torch.Tensor | None = None, counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The masked dense computation every kernel must equal (also the fallback)."""
-    keep = mask(x, thresh, scale)
-    if counter is not None:
-        counter += torch.stack([keep.sum(), torch.tensor(keep.numel())]).to(counter)
+    keep = mask(x, thresh, scale, counter)
     y = (x * keep).to(torch.float32) @ wt.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
 
 
-def mask(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``|x| * scale > thresh``: the one keep rule shared by kernels, dense paths and calibration."""
+def mask(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = None,
+         counter: torch.Tensor | None = None) -> torch.Tensor:
+    """``|x| * scale > thresh``: the one keep rule shared by kernels, dense paths and calibration.
+
+    With ``counter`` (``[kept, total]``, int64) the kept and total inputs are added to it.
+    """
     a = x.abs().to(torch.float32)
     if scale is not None and scale.numel():
         a = a * scale
-    return a > thresh
+    keep = a > thresh
+    if counter is not None and counter.numel() == 2:
+        counter[0] += keep.sum()
+        counter[1] += keep.numel()
+    return keep
 
 
 def sparse_linear(

@@ -70,8 +70,7 @@ class SparseLinear(nn.Module):
             else:
                 y = kernel.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self.scale, self.counter)
         else:
-            keep = kernel.mask(x2, self.thresh, self.scale)
-            self.counter += torch.stack([keep.sum(), torch.tensor(keep.numel(), device=keep.device)])
+            keep = kernel.mask(x2, self.thresh, self.scale, self.counter)
             y = F.linear(x2 * keep, self.weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
