@@ -25,7 +25,13 @@ from . import kernel
 from .config import SparsityConfig
 from .layout import layer_modules
 
-KERNEL_MAX_ROWS = 16  # up to this many tokens per call the sparse kernel beats a dense matmul
+KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kernel beats a dense matmul
+# On a GPU (H100, bench/sparsify_gpu.py) the Triton kernel only wins for one row and for weights
+# big enough that reading them, not launching kernels, sets the time: at 50% input sparsity
+# 1.44-1.52x on Llama-8B's MLP, 1.05-1.10x on its attention, but 0.5-0.9x on SmolLM2's 1-2 MB
+# matrices, and 0.4-0.6x for 4-16 rows, whose union of kept inputs is nearly everything.
+GPU_KERNEL_MAX_ROWS = 1
+GPU_KERNEL_MIN_BYTES = 4 << 20
 
 
 def column_norms(linear: nn.Linear) -> torch.Tensor:
@@ -50,6 +56,11 @@ class SparseLinear(nn.Module):
         self._cpu = None  # the compiled kernel, bound once on CPU so decoding skips the dispatch
         self._wt_dtype: torch.dtype | None = None
         self._scale = self.scale if self.scale is not None else torch.empty(0, device=dev)
+        w = linear.weight
+        self._max_rows = KERNEL_MAX_ROWS
+        if dev.type == "cuda":
+            big = w.numel() * w.element_size() >= GPU_KERNEL_MIN_BYTES
+            self._max_rows = GPU_KERNEL_MAX_ROWS if big else 0
         if dev.type == "cpu" and linear.weight.dtype in (torch.float32, torch.bfloat16):
             self._cpu = kernel.cpu_kernel()
             if self._cpu is not None:
@@ -64,7 +75,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_MAX_ROWS and not torch.is_grad_enabled():
+        if x2.shape[0] <= min(self._max_rows, KERNEL_MAX_ROWS) and not torch.is_grad_enabled():
             if self._cpu is not None and x2.dtype == self._wt_dtype:  # the hot path of CPU decoding
                 y = self._cpu.sparse_linear(x2, self._wt, self.bias, self.thresh, self._scale, self.counter)
             else:
