@@ -168,12 +168,12 @@ def decode_table(names: list[str], quick: bool) -> list[dict]:
             for method, s, config in plan:
                 if not graph and s != 0.5:
                     continue  # eager decoding is launch-bound: one point shows it
-                dense, dense_toks = dense_dec.run()
+                dense, _ = dense_dec.run()
                 with apply(model, config) as handle:
                     dec = GraphDecoder(model, prompt, n_new, graph)
                     dec.run()  # warm-up (and capture)
                     handle.reset()
-                    rate, toks = dec.run()
+                    rate, _ = dec.run()
                     achieved = handle.achieved()["overall"]
                     del dec
                 r = dict(model=name, graph=graph, method=method, target=s, achieved=achieved, dense_tok_s=dense,

@@ -143,10 +143,13 @@ def test_sparsify_calibrate_eval_and_sparse_generation(tiny_llama_dir, tmp_path,
     assert out.startswith("The quick") and "achieved" in err and "wina" in err
     code, out, err = run(["sparsify", "eval", "--model", str(tiny_llama_dir), "--data", str(data),
                           "--methods", "teal,topk", "--sparsities", "0.3,0.6", "--calib-tokens", "256",
-                          "--eval-tokens", "256", "--seq-len", "32", "--out", str(tmp_path / "ev")], capsys, monkeypatch)
+                          "--eval-tokens", "256", "--seq-len", "32", "--choices", "6",
+                          "--out", str(tmp_path / "ev")], capsys, monkeypatch)
     assert code == 0, err
+    assert "accuracy" in out
     result = json.loads((tmp_path / "ev" / "sparsity_eval.json").read_text())
     assert set(result["curves"]) == {"teal", "topk"} and len(result["curves"]["teal"]) == 2
+    assert result["meta"]["choice_items"] == 6 and "accuracy" in result["curves"]["topk"][1]
     assert set(result["ppl_p_sparsity"]["teal"]) == {"1%", "5%"}
     assert (tmp_path / "ev" / "ppl_vs_sparsity.svg").read_text().startswith("<svg xmlns")
     code, _, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--sparsity",

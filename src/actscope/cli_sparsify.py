@@ -45,6 +45,9 @@ def eval_cmd(
     calib_tokens: int = typer.Option(8192, "--calib-tokens"),
     eval_tokens: int = typer.Option(8192, "--eval-tokens", help="held-out tokens, after the calibration ones"),
     seq_len: int = typer.Option(256, "--seq-len"),
+    choices: Optional[str] = typer.Option(
+        None, "--choices", help="multiple-choice accuracy too: a number of continuation items built from the "
+        "held-out text, or a JSONL file of {context, choices, answer}"),
 ) -> None:
     """Perplexity vs sparsity per method on held-out text, with PPL-1% and PPL-5% sparsity."""
     from .errors import SparsifyError
@@ -55,13 +58,17 @@ def eval_cmd(
         levels = [float(s) for s in sparsities.split(",") if s.strip()]
     except ValueError:
         raise SparsifyError(f"--sparsities must be numbers separated by commas, got {sparsities!r}") from None
+    n_choices: int | str | None = int(choices) if choices and choices.strip().isdigit() else choices
     m, tok = load_model(model)
     result = evaluate(m, tok, data, methods=[s.strip() for s in methods.split(",") if s.strip()],
-                      sparsities=levels, calib_tokens=calib_tokens, eval_tokens=eval_tokens, seq_len=seq_len)
+                      sparsities=levels, calib_tokens=calib_tokens, eval_tokens=eval_tokens, seq_len=seq_len,
+                      choices=n_choices)
     folder = result.save(out)
-    typer.echo(f"dense perplexity {result.dense_ppl:.3f}")
+    dense_acc = result.meta.get("dense_accuracy")
+    typer.echo(f"dense perplexity {result.dense_ppl:.3f}" + (f", accuracy {dense_acc:.1%}" if dense_acc is not None else ""))
     for method, points in result.curves.items():
-        curve = "  ".join(f"{p['achieved']:.0%}:{p['ppl']:.2f}" for p in points)
+        curve = "  ".join(f"{p['achieved']:.0%}:{p['ppl']:.2f}" + (f"/{p['accuracy']:.0%}" if "accuracy" in p else "")
+                          for p in points)
         typer.echo(f"{method:>10}  PPL-1% {result.ppl_p_sparsity(method, 1):.0%}  "
                    f"PPL-5% {result.ppl_p_sparsity(method, 5):.0%}   {curve}")
     typer.echo(f"results: {(folder / 'sparsity_eval.json').resolve()}  plot: {(folder / 'ppl_vs_sparsity.svg').resolve()}")

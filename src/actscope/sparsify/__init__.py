@@ -9,11 +9,13 @@
 
 from .swap import SparseAct, SparseLinear, SparsityHandle, apply
 from .calibrate import calibrate
+from .choice import ChoiceItem, choice_accuracy, continuation_items, load_choice_file
 from .config import METHODS, SparsityConfig
 from .evaluate import SparsityEval, evaluate, perplexity
 from .kernel import kernel_status
 
 __all__ = [
-    "METHODS", "SparseAct", "SparseLinear", "SparsityConfig", "SparsityEval", "SparsityHandle",
-    "apply", "calibrate", "evaluate", "kernel_status", "perplexity",
+    "METHODS", "ChoiceItem", "SparseAct", "SparseLinear", "SparsityConfig", "SparsityEval", "SparsityHandle",
+    "apply", "calibrate", "choice_accuracy", "continuation_items", "evaluate", "kernel_status",
+    "load_choice_file", "perplexity",
 ]

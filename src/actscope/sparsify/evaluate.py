@@ -23,6 +23,7 @@ from ..data import TokenBatches, load_tokens
 from ..errors import SparsifyError
 from .swap import apply
 from .calibrate import calibrate
+from .choice import choice_accuracy, continuation_items, load_choice_file
 from .config import SparsityConfig
 
 DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
@@ -129,11 +130,16 @@ def evaluate(
     eval_tokens: int = 8192,
     seq_len: int = 256,
     batch_size: int = 4,
+    choices: int | str | os.PathLike | None = None,
     progress: bool = True,
     **calibrate_kwargs: Any,
 ) -> SparsityEval:
     """Calibrate each method at each sparsity on the first ``calib_tokens`` of ``data`` and
-    measure perplexity on the next ``eval_tokens`` (held out: calibration never sees them)."""
+    measure perplexity on the next ``eval_tokens`` (held out: calibration never sees them).
+
+    ``choices`` adds multiple-choice accuracy at every point: a number builds that many
+    continuation items from the held-out text; a path reads a JSONL file (see ``choice.py``).
+    """
     tokens = load_tokens(data, tokenizer, seq_len, calib_tokens + eval_tokens)
     n_cal = calib_tokens // seq_len
     if tokens.num_sequences - n_cal < 1:
@@ -141,9 +147,17 @@ def evaluate(
                             f"({calib_tokens}) to hold some out for evaluation")
     cal = TokenBatches(tokens.input_ids[:n_cal], tokens.doc_ids[:n_cal], tokens.source)
     held = TokenBatches(tokens.input_ids[n_cal:], tokens.doc_ids[n_cal:], tokens.source)
+    items = None
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0:
+        context = min(48, held.seq_len * 3 // 4)  # short rows: keep a quarter for the continuation
+        items = continuation_items(held, n=choices, context=context, length=min(16, held.seq_len - context))
+    elif isinstance(choices, (str, os.PathLike)):
+        items = load_choice_file(choices, tokenizer)
     dense, _ = perplexity(model, held, None, batch_size)
     result = SparsityEval(dense, meta={"calib_tokens": cal.num_tokens, "eval_tokens": held.num_tokens,
                                        "seq_len": seq_len, "source": tokens.source})
+    if items:
+        result.meta.update(choice_items=len(items), choice_source=str(choices), dense_accuracy=choice_accuracy(model, items))
     bar = tqdm(total=len(methods) * len(sparsities), desc="sparsify eval", disable=not progress)
     for method in methods:
         points = []
@@ -151,7 +165,10 @@ def evaluate(
             config = calibrate(model, method=method, sparsity=s, tokens=cal, batch_size=batch_size,
                                progress=False, **calibrate_kwargs)
             ppl, achieved = perplexity(model, held, config, batch_size)
-            points.append({"target": s, "achieved": achieved, "ppl": ppl})
+            point = {"target": s, "achieved": achieved, "ppl": ppl}
+            if items:
+                point["accuracy"] = choice_accuracy(model, items, config)
+            points.append(point)
             bar.update(1)
         result.curves[method] = points
     bar.close()
