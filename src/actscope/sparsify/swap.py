@@ -26,11 +26,12 @@ from .config import SparsityConfig
 from .layout import layer_modules
 
 KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kernel beats a dense matmul
-# On a GPU (H100, bench/sparsify_gpu.py) the Triton kernel only wins for one row and for weights
-# big enough that reading them, not launching kernels, sets the time: at 50% input sparsity
-# 1.44-1.52x on Llama-8B's MLP, 1.05-1.10x on its attention, but 0.5-0.9x on SmolLM2's 1-2 MB
-# matrices, and 0.4-0.6x for 4-16 rows, whose union of kept inputs is nearly everything.
-GPU_KERNEL_MAX_ROWS = 1
+# On a GPU (H100, bench/sparsify_gpu.py), one row always takes the Triton kernel: against the
+# masked dense path (five small kernels around cuBLAS) it decodes SmolLM2 at 0.80x of dense
+# instead of 0.46x, and Llama-8B-shaped MLP weights at 50% sparsity 1.44-1.52x faster than cuBLAS.
+# For 2-16 rows the union of kept inputs is nearly everything and the kernel's tensor-core path
+# loses to cuBLAS on big weights (0.54-0.96x), so those use the masked dense path; small weights,
+# where launches dominate, keep the kernel.
 GPU_KERNEL_MIN_BYTES = 4 << 20
 
 
@@ -58,9 +59,8 @@ class SparseLinear(nn.Module):
         self._scale = self.scale if self.scale is not None else torch.empty(0, device=dev)
         w = linear.weight
         self._max_rows = KERNEL_MAX_ROWS
-        if dev.type == "cuda":
-            big = w.numel() * w.element_size() >= GPU_KERNEL_MIN_BYTES
-            self._max_rows = GPU_KERNEL_MAX_ROWS if big else 0
+        if dev.type == "cuda" and w.numel() * w.element_size() >= GPU_KERNEL_MIN_BYTES:
+            self._max_rows = 1
         if dev.type == "cpu" and linear.weight.dtype in (torch.float32, torch.bfloat16):
             self._cpu = kernel.cpu_kernel()
             if self._cpu is not None:
