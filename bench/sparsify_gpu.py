@@ -9,10 +9,10 @@ Python launch overhead is not counted; the sparse time includes zeroing the floa
 output and casting it back to bfloat16).
 
 Part 2, decoding: batch-1 greedy decoding of 128 tokens in bfloat16, dense against
-``sparsify.apply`` at 25/40/50/70% (TEAL and WINA thresholds), each step replayed as one CUDA
-graph over a static KV cache (without graphs, a small model's decode is bound by Python and
-kernel launches, not by weight reads, and no kernel can speed it up; the eager ratio is printed
-too). The GPU machine reaches no model hub and cannot carry the default model's weights, so the
+``sparsify.apply`` at 25/40/50/70% (TEAL and WINA thresholds), with ``sparsify.StaticDecoder``:
+each step replayed as one CUDA graph over a static KV cache (without graphs, decoding is bound
+by Python and kernel launches, not by weight reads, and no kernel can speed it up; the eager
+ratio is printed too). The GPU machine reaches no model hub and cannot carry the default model's weights, so the
 models are randomly initialised from the real configs (SmolLM2-135M's and Llama-3-8B's), and
 thresholds are calibrated on random tokens: the kernel's speed depends on how many inputs are
 kept, which is measured and printed, not on what the weights mean. Perplexity is a CPU-bench
@@ -85,67 +85,18 @@ def build(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-class GraphDecoder:
-    """Greedy batch-1 decoding over a static KV cache, one CUDA graph per step (or eager)."""
-
-    def __init__(self, model, prompt: torch.Tensor, n_new: int, graph: bool):
-        from transformers import StaticCache
-
-        self.model, self.prompt, self.n_new, self.graph = model, prompt, n_new, graph
-        self.cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + n_new + 8)
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-        self.pos = torch.zeros(1, dtype=torch.long, device="cuda")
-        self.g = None
-
-    def _step(self) -> torch.Tensor:
-        return self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
-                          use_cache=True).logits[:, -1]
-
-    def prefill(self) -> None:
-        p = self.prompt.shape[1]
-        self.cache.reset()
-        out = self.model(input_ids=self.prompt, past_key_values=self.cache,
-                         cache_position=torch.arange(p, device="cuda"), use_cache=True)
-        self.ids.copy_(out.logits[:, -1:].argmax(-1))
-        self.pos.fill_(p)
-
-    @torch.inference_mode()
-    def run(self) -> tuple[float, list[int]]:
-        """(tokens/s of the decode loop, the tokens)."""
-        if self.graph and self.g is None:
-            self.prefill()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(s)
-            self.g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.g):
-                self.logits = self._step()
-        self.prefill()
-        torch.cuda.synchronize()
-        out = []
-        start = time.perf_counter()
-        p = self.prompt.shape[1]
-        for i in range(self.n_new):
-            if self.graph:
-                self.g.replay()
-                logits = self.logits
-            else:
-                logits = self._step()
-            nxt = logits.argmax(-1, keepdim=True)
-            out.append(nxt)
-            self.ids.copy_(nxt)
-            self.pos.fill_(p + i + 1)
-        torch.cuda.synchronize()
-        rate = self.n_new / (time.perf_counter() - start)
-        return rate, torch.cat(out).flatten().tolist()
+def decode_rate(dec, prompt: torch.Tensor, n_new: int) -> float:
+    """Tokens/s of one greedy continuation (prefill included) with a ready ``StaticDecoder``."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    dec.generate(prompt, n_new)
+    torch.cuda.synchronize()
+    return n_new / (time.perf_counter() - start)
 
 
 def decode_table(names: list[str], quick: bool) -> list[dict]:
     from actscope.data import TokenBatches
-    from actscope.sparsify import apply, calibrate
+    from actscope.sparsify import StaticDecoder, apply, calibrate
 
     rows = []
     for name in names:
@@ -163,17 +114,17 @@ def decode_table(names: list[str], quick: bool) -> list[dict]:
                 plan.append((method, s, calibrate(model, method=method, sparsity=s, tokens=cal, progress=False,
                                                   passes=1 if "8b" in name else 2)))
         for graph in (True, False):
-            dense_dec = GraphDecoder(model, prompt, n_new, graph)
-            dense_dec.run()
+            dense_dec = StaticDecoder(model, 1, prompt.shape[1] + n_new, cuda_graph=graph)
+            decode_rate(dense_dec, prompt, n_new)  # capture / warm-up
             for method, s, config in plan:
                 if not graph and s != 0.5:
                     continue  # eager decoding is launch-bound: one point shows it
-                dense, _ = dense_dec.run()
-                with apply(model, config) as handle:
-                    dec = GraphDecoder(model, prompt, n_new, graph)
-                    dec.run()  # warm-up (and capture)
+                dense = decode_rate(dense_dec, prompt, n_new)
+                with torch.inference_mode(), apply(model, config) as handle:
+                    dec = StaticDecoder(model, 1, prompt.shape[1] + n_new, cuda_graph=graph)
+                    decode_rate(dec, prompt, n_new)  # capture / warm-up
                     handle.reset()
-                    rate, _ = dec.run()
+                    rate = decode_rate(dec, prompt, n_new)
                     achieved = handle.achieved()["overall"]
                     del dec
                 r = dict(model=name, graph=graph, method=method, target=s, achieved=achieved, dense_tok_s=dense,

@@ -476,3 +476,53 @@ def test_evaluate_reports_accuracy_per_point(llama, tiny_tokenizer):
     assert 0.0 <= ev.meta["dense_accuracy"] <= 1.0 and ev.meta["choice_items"] == 8
     assert 0.0 <= ev.curves["teal"][0]["accuracy"] <= 1.0
     assert "accuracy" in ev.to_dict()["curves"]["teal"][0]
+
+
+# --- static-cache decoding (CUDA graphs on a GPU) -------------------------------------------------
+def test_greedy_decode_reproduces_hf_generate(llama):
+    from actscope.sparsify.decode import StaticDecoder, greedy_decode
+
+    prompt = _tokens(2, seq_len=7, seed=8).input_ids
+    want = llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=9, min_new_tokens=9,
+                          do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy_decode(llama, prompt, 9), want)
+    config = calibrate(llama, method="wina", sparsity=0.5, tokens=_tokens(8), progress=False)
+    with torch.inference_mode(), apply(llama, config):
+        want_sparse = llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=9,
+                                     min_new_tokens=9, do_sample=False, pad_token_id=0)
+        dec = StaticDecoder(llama, batch=2, max_len=20)
+        assert torch.equal(dec.generate(prompt, 9), want_sparse)
+        assert torch.equal(dec.generate(prompt, 9), want_sparse)  # reusable: the cache is reset
+    assert not torch.equal(want, want_sparse)
+
+
+def test_greedy_decode_rejects_bad_shapes(llama):
+    from actscope.errors import SparsifyError
+    from actscope.sparsify.decode import StaticDecoder
+
+    dec = StaticDecoder(llama, batch=1, max_len=10)
+    with pytest.raises(SparsifyError, match="exceeds the cache length 10"):
+        dec.generate(torch.zeros(1, 6, dtype=torch.long), 5)
+    with pytest.raises(SparsifyError, match=r"shape \[1, length\]"):
+        dec.generate(torch.zeros(2, 3, dtype=torch.long), 2)
+    with pytest.raises(SparsifyError, match="needs the model on a CUDA device"):
+        StaticDecoder(llama, batch=1, max_len=10, cuda_graph=True)
+
+
+def test_cuda_graph_decode_matches_eager_decode(llama):
+    """On a GPU: replayed CUDA graphs give the eager loop's tokens, dense and sparse."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    from actscope.sparsify.decode import greedy_decode
+
+    model = llama.to("cuda")
+    try:
+        prompt = _tokens(1, seq_len=6, seed=9).input_ids.cuda()
+        config = calibrate(model, method="teal", sparsity=0.5, tokens=_tokens(8), progress=False)
+        for cfg in (None, config):
+            with torch.inference_mode(), apply(model, cfg or SparsityConfig("teal", 0.0)):
+                eager = greedy_decode(model, prompt, 12, cuda_graph=False)
+                graph = greedy_decode(model, prompt, 12, cuda_graph=True)
+            assert torch.equal(eager, graph)
+    finally:
+        model.to("cpu")

@@ -11,11 +11,13 @@ from .swap import SparseAct, SparseLinear, SparsityHandle, apply
 from .calibrate import calibrate
 from .choice import ChoiceItem, choice_accuracy, continuation_items, load_choice_file
 from .config import METHODS, SparsityConfig
+from .decode import StaticDecoder, greedy_decode
 from .evaluate import SparsityEval, evaluate, perplexity
 from .kernel import kernel_status
 
 __all__ = [
     "METHODS", "ChoiceItem", "SparseAct", "SparseLinear", "SparsityConfig", "SparsityEval", "SparsityHandle",
+    "StaticDecoder", "greedy_decode",
     "apply", "calibrate", "choice_accuracy", "continuation_items", "evaluate", "kernel_status",
     "load_choice_file", "perplexity",
 ]
