@@ -151,3 +151,40 @@ def test_mean_diff_equals_steering_vectors_package(tiny_llama):
     for l in (0, 1):
         cos = torch.nn.functional.cosine_similarity(ours.directions[l], theirs.layer_activations[l].float(), dim=0)
         assert float(cos) > 0.999
+
+
+def test_top_axis_streams_past_d_rows_into_a_scatter():
+    from actscope.steer import _TopAxis
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(30, 8, generator=g, dtype=torch.float64) * torch.linspace(3, 0.5, 8, dtype=torch.float64) + 0.3
+    axis = _TopAxis()
+    for chunk in rows.split(7):
+        axis.add(chunk)
+    assert axis.rows is None  # 30 rows > 8 dimensions: folded into the scatter matrix
+    _, _, v = torch.linalg.svd(rows - rows.mean(0), full_matrices=False)
+    want = v[0] if v[0] @ rows.mean(0) >= 0 else -v[0]
+    torch.testing.assert_close(axis.direction(), want, rtol=1e-8, atol=1e-8)
+    few = _TopAxis()
+    few.add(rows[:5])
+    assert few.rows is not None
+    _, _, v = torch.linalg.svd(rows[:5] - rows[:5].mean(0), full_matrices=False)
+    want = v[0] if v[0] @ rows[:5].mean(0) >= 0 else -v[0]
+    torch.testing.assert_close(few.direction(), want, rtol=1e-8, atol=1e-8)
+
+
+def test_trace_stop_skips_the_rest_of_the_forward(tiny_llama, ids):
+    model, _ = tiny_llama
+    ran = []
+    h = model.lm_head.register_forward_hook(lambda *a: ran.append(1))
+    try:
+        with torch.inference_mode(), actscope.trace(model, ["blocks.0.hook_resid_post"], stop=True) as early:
+            model(input_ids=ids)
+            ran.append("after")  # skipped: the model call ends the block
+    finally:
+        h.remove()
+    assert ran == [] and "blocks.0.hook_resid_post" in early
+    with torch.inference_mode(), actscope.trace(model, "blocks.0.hook_resid_post") as ref:
+        model(input_ids=ids)
+    assert torch.equal(early["blocks.0.hook_resid_post"], ref["blocks.0.hook_resid_post"])
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())

@@ -235,6 +235,42 @@ def _read(h: torch.Tensor, mask: torch.Tensor, position: str | int) -> torch.Ten
     raise ActscopeError(f"position must be 'last', 'mean' or an int, not {position!r}")
 
 
+class _TopAxis:
+    """Streaming first principal axis of paired differences, signed towards their mean.
+
+    While there are fewer rows than dimensions (the usual case: tens of pairs, hundreds of
+    dimensions) the rows are kept and the axis comes from a thin SVD, about 20x cheaper than
+    diagonalising a ``d x d`` covariance. Past ``d`` rows they fold into a scatter matrix, so
+    memory stays bounded however many pairs stream in.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] | None = []
+        self.n = 0
+        self.total: torch.Tensor | None = None
+        self.scatter: torch.Tensor | None = None
+
+    def add(self, d: torch.Tensor) -> None:
+        self.n += d.shape[0]
+        self.total = d.sum(0) if self.total is None else self.total + d.sum(0)
+        if self.rows is not None:
+            self.rows.append(d)
+            if self.n > d.shape[1]:
+                stacked = torch.cat(self.rows)
+                self.scatter, self.rows = stacked.T @ stacked, None
+        else:
+            self.scatter = self.scatter + d.T @ d
+
+    def direction(self) -> torch.Tensor:
+        mean = self.total / self.n
+        if self.rows is not None:
+            _, _, vh = torch.linalg.svd(torch.cat(self.rows) - mean, full_matrices=False)
+            v = vh[0]
+        else:
+            v = torch.linalg.eigh(self.scatter / self.n - torch.outer(mean, mean)).eigenvectors[:, -1]
+        return v if v @ mean >= 0 else -v
+
+
 def steering_vector(
     model: Any,
     tokenizer: Any,
@@ -257,13 +293,11 @@ def steering_vector(
     sites = [f"blocks.{l}.hook_resid_post" for l in layer_ids]
     sums = {"pos": {}, "neg": {}}
     counts = {"pos": 0, "neg": 0}
-    diff_sum: dict[int, torch.Tensor] = {}
-    scatter: dict[int, torch.Tensor] = {}
-    n_pairs = 0
+    axes = {l: _TopAxis() for l in layer_ids}
 
     def read_batch(texts: Sequence[str]) -> dict[int, torch.Tensor]:
         enc = _encode(tokenizer, texts, model.device)
-        with torch.inference_mode(), trace(model, sites) as cache:
+        with torch.inference_mode(), trace(model, sites, stop=True) as cache:  # later layers are not needed
             model(**enc, use_cache=False)
         return {l: _read(cache[s], enc["attention_mask"], position).double().cpu() for l, s in zip(layer_ids, sites)}
 
@@ -278,19 +312,12 @@ def steering_vector(
         for pb, nb in zip(_batches(positive, batch_size), _batches(negative, batch_size)):
             hp, hn = read_batch(pb), read_batch(nb)
             for l in layer_ids:
-                d = hp[l] - hn[l]
-                diff_sum[l] = diff_sum.get(l, 0) + d.sum(0)
-                scatter[l] = scatter.get(l, 0) + d.T @ d
-            n_pairs += len(pb)
+                axes[l].add(hp[l] - hn[l])
     directions = {}
     for l in layer_ids:
         if method == "mean_diff":
             directions[l] = (sums["pos"][l] / counts["pos"] - sums["neg"][l] / counts["neg"]).float()
         else:
-            mean = diff_sum[l] / n_pairs
-            cov = scatter[l] / n_pairs - torch.outer(mean, mean)
-            _, vecs = torch.linalg.eigh(cov)
-            v = vecs[:, -1]
-            directions[l] = (v if v @ mean >= 0 else -v).float()
+            directions[l] = axes[l].direction().float()
     meta = {"n_positive": len(positive), "n_negative": len(negative), "position": str(position)}
     return SteeringVector(directions, method, sm.model_type, meta)

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 OnActivation = Callable[[Site, torch.Tensor], None]
 
 
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early (``trace(stop=True)``); never escapes."""
+
+
 class ActivationCache(Mapping):
     """Captured tensors by site name. ``cache[name]`` is the latest call's value;
     ``cache.all(name)`` lists one tensor per model call (e.g. per generation step)."""
@@ -99,12 +103,17 @@ def trace(
     on_activation: OnActivation | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    stop: bool = False,
 ) -> Iterator[ActivationCache]:
     """Hook ``sites`` on ``model`` for the duration of the block.
 
     By default tensors are kept in the returned cache (detached; converted to ``dtype`` and
     moved to ``device`` when given). Pass ``on_activation(site, tensor)`` to stream them
     elsewhere instead, as the recorder does; then nothing is kept.
+
+    ``stop=True`` cuts the forward pass short once every site has fired: the layers after the
+    last one requested, and the unembedding, never run. The model call then returns nothing,
+    so the code after it inside the block is skipped; read the cache after the block.
     """
     if isinstance(sites, list) and sites and isinstance(sites[0], Site):
         resolved: list[Site] = sites  # type: ignore[assignment]
@@ -121,9 +130,15 @@ def trace(
 
     sink = on_activation or keep
 
+    waiting = set(fired)
+
     def handle(site: Site, value: torch.Tensor) -> None:
         fired[site.name] += 1
         sink(site, value)
+        if stop:
+            waiting.discard(site.name)
+            if not waiting:
+                raise _StopForward
 
     modules = dict(model.named_modules())
     handles = [_register(modules[s.module_path], s, handle) for s in resolved]
@@ -131,6 +146,8 @@ def trace(
     try:
         with eager_attention(model, needs_eager):
             yield cache
+    except _StopForward:
+        pass  # every site fired: the rest of the forward pass was not needed
     finally:
         for h in handles:
             h.remove()
