@@ -526,3 +526,15 @@ def test_cuda_graph_decode_matches_eager_decode(llama):
             assert torch.equal(eager, graph)
     finally:
         model.to("cpu")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox",
+                                    "olmo", "olmo2"])
+def test_greedy_decode_reproduces_hf_generate_across_families(family):
+    from actscope.sparsify.decode import greedy_decode
+
+    model = tiny_model(family)
+    prompt = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(1))
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=7, min_new_tokens=7,
+                          do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy_decode(model, prompt, 7), want)
