@@ -36,3 +36,12 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     model = auto.from_config(cfg)
     model.eval()
     return model
+
+
+def random_tokens(n: int, seq_len: int = 32, seed: int = 0):
+    """``n`` rows of random token ids as ``TokenBatches`` (one document each)."""
+    from actscope.data import TokenBatches
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, seq_len), generator=g)
+    return TokenBatches(ids, torch.zeros_like(ids, dtype=torch.int32), f"random-{seed}")
