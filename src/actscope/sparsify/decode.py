@@ -3,8 +3,8 @@
 HF's ``generate`` runs every decoding step as Python that launches hundreds of small kernels.
 On a GPU that, not reading the weights, sets the time: an H100 decodes SmolLM2-135M in eager
 mode at about 30 tokens/s but at about 300 with each step captured as one CUDA graph, and a
-sparse kernel can only speed up what is left once launches are gone (docs/benchmarks.md: 1.22x
-at 50% sparsity for an 8B-shaped model, against 0.71x eager). ``greedy_decode`` captures one step
+sparse kernel can only speed up what is left once launches are gone (docs/benchmarks.md: 1.18x
+at 50% sparsity for an 8B-shaped model with graphs, 0.52-0.60x without). ``greedy_decode`` captures one step
 of the model, sparsified or not, over HF's ``StaticCache`` and replays it. On CPU, or with
 ``cuda_graph=False``, it runs the same loop eagerly, which is also how it is tested to
 reproduce HF's greedy ``generate``.
