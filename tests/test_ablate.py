@@ -74,3 +74,24 @@ def test_glob_ablates_every_matching_site(tiny_llama, ids):
         model(input_ids=ids)
     for layer in (0, 1):
         assert torch.count_nonzero(c[f"blocks.{layer}.mlp.hook_post"][..., [0, 5]]) == 0
+
+
+def test_zero_ablation_equals_an_independent_hook(tiny_llama, ids):
+    """The fused fast path (zero units everywhere) against a hand-written pre-hook."""
+    model, _ = tiny_llama
+    down = model.get_submodule("model.layers.1.mlp.down_proj")
+
+    def manual(mod, args):
+        x = args[0].clone()
+        x[..., [3, 7, 11]] = 0
+        return (x,)
+
+    with torch.inference_mode():
+        h = down.register_forward_pre_hook(manual)
+        try:
+            want = model(input_ids=ids).logits
+        finally:
+            h.remove()
+        with ablate(model, "blocks.1.mlp.hook_post", units=[3, 7, 11]):
+            got = model(input_ids=ids).logits
+    assert torch.equal(got, want)

@@ -20,7 +20,7 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 
 def edit_site(model: Any, site: Site, fn: Edit) -> Any:
     """Register the edit; returns the hook handle (call ``.remove()`` to undo)."""
-    module = dict(model.named_modules())[site.module_path]
+    module = model.get_submodule(site.module_path)  # a path walk, not a walk over every module
     if site.io == "in":
         def pre(mod: Any, args: tuple, kwargs: dict):
             if args:
