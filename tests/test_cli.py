@@ -113,6 +113,9 @@ def test_steer_and_generate_from_cli(tiny_llama_dir, tmp_path, capsys, monkeypat
                           "--prompt", "Today", "--max-new-tokens", "5", "--compare"], capsys, monkeypatch)
     assert code == 0, err
     assert out.count("Today") == 2 and "[steered x8]" in out
+    code, _, err = run(["generate", "--model", str(tiny_llama_dir), "--steer", str(vec), "--prompt", "Today",
+                        "--static-cache"], capsys, monkeypatch)
+    assert code == 2 and "cannot carry steering" in err
     code, _, err = run(["steer", "--model", str(tiny_llama_dir), "--positive", str(pos), "--negative", str(neg),
                         "--layers", "0-x", "--out", str(vec)], capsys, monkeypatch)
     assert code == 2 and "use a range like 8-20" in err
@@ -141,6 +144,10 @@ def test_sparsify_calibrate_eval_and_sparse_generation(tiny_llama_dir, tmp_path,
                           "--sparsity", str(cfg), "--max-new-tokens", "4"], capsys, monkeypatch)
     assert code == 0, err
     assert out.startswith("The quick") and "achieved" in err and "wina" in err
+    code, out_static, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "The quick", "--device", "cpu",
+                                 "--sparsity", str(cfg), "--max-new-tokens", "4", "--static-cache"], capsys, monkeypatch)
+    assert code == 0, err
+    assert out_static == out  # the static-cache loop decodes exactly what HF's generate does
     code, out, err = run(["sparsify", "eval", "--model", str(tiny_llama_dir), "--data", str(data),
                           "--methods", "teal,topk", "--sparsities", "0.3,0.6", "--calib-tokens", "256",
                           "--eval-tokens", "256", "--seq-len", "32", "--choices", "6",

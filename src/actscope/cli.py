@@ -159,26 +159,46 @@ def generate(
     max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
     compare: bool = typer.Option(False, "--compare", help="also print the unsteered (or dense) continuation"),
     sparsity_path: Optional[str] = typer.Option(None, "--sparsity", help="a folder from `actscope sparsify calibrate`"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
+    static_cache: Optional[bool] = typer.Option(
+        None, "--static-cache/--no-static-cache",
+        help="decode over a static KV cache, one CUDA graph per step on a GPU (default: on for sparse decoding on "
+        "CUDA, where HF's generate is launch-bound and would hide the sparse kernel's gain)"),
 ) -> None:
     """Greedy generation, optionally steered and/or with activation sparsity."""
     import time
     from contextlib import ExitStack
 
+    from .errors import ActscopeError
     from .models import load_model
+    from .sparsify import SparsityConfig, greedy_decode
     from .sparsify import apply as apply_sparsity
     from .steer import SteeringVector
     from .steer_effects import generate as run_generate
 
-    m, tok = load_model(model)
+    m, tok = load_model(model, device=_device(device))
     vec = SteeringVector.from_pretrained(steer_path) if steer_path else None
-    if compare and (vec is not None or sparsity_path):
-        typer.echo(f"[plain] {prompt}{run_generate(m, tok, prompt, max_new_tokens)}")
+    config = SparsityConfig.from_pretrained(sparsity_path) if sparsity_path else None
+    if static_cache is None:
+        static_cache = config is not None and vec is None and m.device.type == "cuda" and config.method != "coreinfer"
+    if static_cache and (vec is not None or (config is not None and config.method == "coreinfer")):
+        raise ActscopeError("--static-cache replays one captured step: it cannot carry steering or CoreInfer, "
+                            "whose hooks keep Python state across steps; drop --static-cache")
+
+    def run() -> str:
+        if not static_cache:
+            return run_generate(m, tok, prompt, max_new_tokens)
+        ids = tok(prompt, return_tensors="pt").input_ids.to(m.device)
+        return tok.decode(greedy_decode(m, ids, max_new_tokens)[0, ids.shape[1]:], skip_special_tokens=True)
+
+    if compare and (vec is not None or config is not None):
+        typer.echo(f"[plain] {prompt}{run()}")
     with ExitStack() as stack:
         if vec is not None:
             stack.enter_context(vec.apply(m, scale, positions=positions))
-        handle = stack.enter_context(apply_sparsity(m, sparsity_path)) if sparsity_path else None
+        handle = stack.enter_context(apply_sparsity(m, config)) if config is not None else None
         start = time.perf_counter()
-        text = run_generate(m, tok, prompt, max_new_tokens)
+        text = run()
         seconds = time.perf_counter() - start
     label = f"[steered x{scale:g}] " if vec is not None else ""
     typer.echo(f"{label}{prompt}{text}")
