@@ -95,3 +95,17 @@ def test_zero_ablation_equals_an_independent_hook(tiny_llama, ids):
         with ablate(model, "blocks.1.mlp.hook_post", units=[3, 7, 11]):
             got = model(input_ids=ids).logits
     assert torch.equal(got, want)
+
+
+def test_site_mean_equals_an_independent_mean(tiny_llama):
+    from actscope.data import load_tokens
+
+    model, tok = tiny_llama
+    got = site_mean(model, tok, "blocks.0.hook_mlp_out", seq_len=32, max_tokens=256, batch_size=3)
+    tokens = load_tokens(None, tok, 32, 256)
+    rows = []
+    with torch.inference_mode(), actscope.trace(model, "blocks.0.hook_mlp_out") as c:
+        for batch in tokens.batches(5):
+            model(input_ids=batch, use_cache=False)
+            rows.append(c["blocks.0.hook_mlp_out"].double().flatten(0, 1))
+    torch.testing.assert_close(got, torch.cat(rows).mean(0).float(), rtol=1e-5, atol=1e-6)

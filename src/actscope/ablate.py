@@ -89,10 +89,10 @@ def site_mean(model: Any, tokenizer: Any, site: str, data: Any = None, seq_len: 
     """Mean activation of ``site`` over a corpus (default: Python's manual), for mean ablation."""
     tokens = load_tokens(data, tokenizer, seq_len, max_tokens)
     total, count = None, 0
-    with torch.inference_mode(), trace(model, [site]) as cache:
-        for batch in tokens.batches(batch_size):
+    for batch in tokens.batches(batch_size):
+        with torch.inference_mode(), trace(model, [site], stop=True) as cache:  # layers after the site never run
             model(input_ids=batch.to(model.device), use_cache=False)
-            x = cache[site].double()
-            total = x.sum((0, 1)) if total is None else total + x.sum((0, 1))
-            count += x.shape[0] * x.shape[1]
+        x = cache[site].double()
+        total = x.sum((0, 1)) if total is None else total + x.sum((0, 1))
+        count += x.shape[0] * x.shape[1]
     return (total / count).float()
