@@ -179,9 +179,10 @@ def generate(
     m, tok = load_model(model, device=_device(device))
     vec = SteeringVector.from_pretrained(steer_path) if steer_path else None
     config = SparsityConfig.from_pretrained(sparsity_path) if sparsity_path else None
+    stateful = vec is not None or (config is not None and config.method == "coreinfer")
     if static_cache is None:
-        static_cache = config is not None and vec is None and m.device.type == "cuda" and config.method != "coreinfer"
-    if static_cache and (vec is not None or (config is not None and config.method == "coreinfer")):
+        static_cache = config is not None and not stateful and m.device.type == "cuda"
+    if static_cache and stateful:
         raise ActscopeError("--static-cache replays one captured step: it cannot carry steering or CoreInfer, "
                             "whose hooks keep Python state across steps; drop --static-cache")
 

@@ -177,7 +177,10 @@ class SparseAct(nn.Module):
                 assert self.thresh is not None
                 keep = out.abs() > self.thresh.to(out.device)
             flat = keep.reshape(-1, d)
-            self._last = flat.any(0).nonzero().squeeze(-1) if flat.shape[0] <= KERNEL_MAX_ROWS else None
+            # only RowsLinear's CPU kernel reads these indices; on a GPU, nonzero() would be a host
+            # sync on every decoding step (and break CUDA-graph capture) for nothing
+            few = flat.shape[0] <= KERNEL_MAX_ROWS and not flat.is_cuda
+            self._last = flat.any(0).nonzero().squeeze(-1) if few else None
             return out * keep
         if self.state.is_prompt(out):  # the prompt itself runs dense and chooses the core neurons
             self.state.cores[id(self)] = core_neurons(out, keep_n, self.token_fraction)

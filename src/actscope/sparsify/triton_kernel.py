@@ -11,9 +11,9 @@ Inside its slice a program walks the input channels in blocks. Rows of the trans
 ``wt [in, out]`` are loaded only where some row of ``x`` keeps that channel: masked-off lanes
 issue no memory traffic, so a sparse input reads less of the weight -- the whole point, since
 decoding is bound by weight reads. float32, float16 and bfloat16 inputs all accumulate in
-float32. Kept-input counts go straight
-into the caller's counter from inside the kernel, so measuring sparsity costs no extra launch
-(and the call stays capturable in a CUDA graph: no host synchronisation anywhere).
+float32. Kept-input counts go straight into the caller's counter from inside the kernel, so
+measuring sparsity costs no extra launch (and the call stays capturable in a CUDA graph: no
+host synchronisation anywhere).
 """
 
 from __future__ import annotations
