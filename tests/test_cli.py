@@ -158,6 +158,8 @@ def test_sparsify_calibrate_eval_and_sparse_generation(tiny_llama_dir, tmp_path,
     assert set(result["curves"]) == {"teal", "topk"} and len(result["curves"]["teal"]) == 2
     assert result["meta"]["choice_items"] == 6 and "accuracy" in result["curves"]["topk"][1]
     assert set(result["ppl_p_sparsity"]["teal"]) == {"1%", "5%"}
+    paired = result["paired"]["topk vs teal"]["0.3"]
+    assert paired["low"] <= paired["ratio"] <= paired["high"] and "perplexity topk vs teal  30%:" in out
     assert (tmp_path / "ev" / "ppl_vs_sparsity.svg").read_text().startswith("<svg xmlns")
     code, _, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--sparsity",
                         str(tmp_path / "nothing")], capsys, monkeypatch)

@@ -3,6 +3,8 @@ quantiles, 0% is bit-identical, calibrated sparsity holds on held-out tokens."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny import VOCAB, random_tokens, tiny_model
@@ -287,6 +289,30 @@ def test_perplexity_and_ppl_p_sparsity(llama):
                                    {"target": 0.4, "achieved": 0.4, "ppl": 10.6}]})
     assert ev.ppl_p_sparsity("m", 5) == pytest.approx(0.2 + 0.2 * (0.04879 - 0.00499) / (0.05827 - 0.00499), abs=1e-3)
     assert ev.ppl_p_sparsity("m", 10) == 0.4
+    # independent: score whole rows at once, keep the continuation half's predictions
+    with torch.no_grad():
+        logits = llama(held.input_ids).logits[:, 7:-1].float()
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), held.input_ids[:, 8:].flatten())
+    assert dense == pytest.approx(float(want.exp()), rel=1e-4)
+
+
+def test_paired_comparison_of_two_methods():
+    """``compare``: the perplexity ratio on shared rows, with a bootstrap interval that covers it."""
+    g = torch.Generator().manual_seed(0)
+    base = (torch.rand(40, generator=g, dtype=torch.float64) * 50 + 100)
+    noise = torch.randn(40, generator=g, dtype=torch.float64)
+    curves = {"a": [{"target": 0.5, "achieved": 0.5, "ppl": 1.0, "row_nll": base.tolist()}],
+              "b": [{"target": 0.5, "achieved": 0.5, "ppl": 1.0, "row_nll": (base + 2 + noise).tolist()}],
+              "c": [{"target": 0.5, "achieved": 0.5, "ppl": 1.0, "row_nll": (base + noise * 3).tolist()}]}
+    ev = SparsityEval(1.0, curves, meta={"continuation_tokens": 8}, dense_rows=base.tolist())
+    r = ev.compare("b", "a", 0.5)
+    assert r["ratio"] == pytest.approx(math.exp(float((2 + noise).mean()) / 8))
+    assert 1.0 < r["low"] < r["ratio"] < r["high"]  # a steady 2-nat gap per row is no accident
+    c = ev.compare("c", "a", 0.5)
+    assert c["low"] < 1.0 < c["high"]  # pure noise: the interval straddles 1
+    assert ev.compare("a", "dense", 0.5) == {"ratio": 1.0, "low": 1.0, "high": 1.0, "rows": 40}
+    assert ev.compare("a", "b", 0.7) is None
+    assert set(ev.comparisons()) == {"b vs a", "c vs a"}
 
 
 _TRITON_CHECK = """

@@ -208,3 +208,32 @@ def test_unknown_site_in_store_suggests(reference):
         reference[1].read("blocks.1.hook_resid_pots")
     with pytest.raises(StoreError, match="no activation store here"):
         open_store("/nonexistent/folder")
+
+
+def test_recording_early_sites_skips_the_later_layers(tiny_llama, tmp_path):
+    """The forward pass stops after the last recorded site; values equal a full pass's."""
+    model, tok = tiny_llama
+    calls = []
+    handle = model.model.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        store = actscope.record(model, tok, str(tmp_path / "early"), ["blocks.0.hook_resid_post"], dtype="float32", **KW)
+    finally:
+        handle.remove()
+    assert calls == [1]  # the shape probe runs the whole model once; recording never reaches the last layer
+    ids = store.token_ids()
+    with torch.inference_mode(), actscope.trace(model, ["blocks.0.hook_resid_post"]) as cache:
+        model(input_ids=ids[:2])
+    assert torch.equal(store.read("blocks.0.hook_resid_post", 0, 64), cache["blocks.0.hook_resid_post"].reshape(64, -1))
+
+
+def test_a_site_that_fires_twice_is_refused_before_writing(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    mlp = model.model.layers[0].mlp
+    twice = mlp.forward
+    mlp.forward = lambda x: twice(x) + twice(x) * 0  # the MLP's inner modules now run twice per pass
+    try:
+        with pytest.raises(StoreError, match="fired 2 times in 1 forward passes"):
+            actscope.record(model, tok, str(tmp_path / "twice"), ["blocks.0.mlp.hook_post"], **KW)
+    finally:
+        del mlp.forward
+    assert not (tmp_path / "twice" / "manifest.json").exists()

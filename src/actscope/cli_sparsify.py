@@ -71,4 +71,8 @@ def eval_cmd(
                           for p in points)
         typer.echo(f"{method:>10}  PPL-1% {result.ppl_p_sparsity(method, 1):.0%}  "
                    f"PPL-5% {result.ppl_p_sparsity(method, 5):.0%}   {curve}")
+    for pair, points in result.comparisons().items():  # same held-out rows: a paired 95% interval
+        cells = "  ".join(f"{float(t):.0%}: {r['ratio'] - 1:+.2%} [{r['low'] - 1:+.2%}, {r['high'] - 1:+.2%}]"
+                          for t, r in points.items())
+        typer.echo(f"perplexity {pair}  {cells}")
     typer.echo(f"results: {(folder / 'sparsity_eval.json').resolve()}  plot: {(folder / 'ppl_vs_sparsity.svg').resolve()}")

@@ -58,18 +58,22 @@ def probe_shapes(model: Any, sites: list[Site], first: torch.Tensor, seq_len: in
     """Per-token shape of each site, from one forward pass on a few tokens.
 
     Only the key axis of attention patterns depends on the length; it is set to ``seq_len``.
-    This also fails early, before anything is written, if a site never fires.
+    This also fails early, before anything is written, if a site never fires or fires more
+    than once (recording cuts each pass short after the last site, so it could not tell).
     """
     from .trace import trace
 
     shapes: dict[str, tuple[int, ...]] = {}
+    fired: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
 
     def keep(site: Site, x: torch.Tensor) -> None:
         shape = tuple(token_major(site, x, first.shape[0]).shape[1:])
         shapes[site.name] = (*shape[:-1], seq_len) if site.needs_eager_attention else shape
+        fired[site.name].append(x[:0])
 
     with torch.inference_mode(), trace(model, sites, on_activation=keep):
         model(input_ids=first.to(model.device), use_cache=False)
+    _check_fired_once(fired, 1)
     return shapes
 
 
@@ -220,7 +224,7 @@ def _record_shards(
     ranks: Ranks,
     progress: bool,
 ) -> None:
-    from .trace import trace
+    from .trace import eager_attention, trace
 
     spb, n_shards, seq_len = manifest["sequences_per_shard"], manifest["num_shards"], manifest["seq_len"]
     mine = ranks.block(n_shards)
@@ -252,19 +256,21 @@ def _record_shards(
     writer = ShardWriter(loc, pool=pool)
     ok = False
     try:
-        if todo:
-            with torch.inference_mode(), trace(model, sites, on_activation=collect):
-                for k in todo:
-                    start, stop = k * spb, min((k + 1) * spb, tokens.num_sequences)
-                    n_batches = 0
-                    for batch in tokens.batches(batch_size, start, stop):
-                        rows[0] = batch.shape[0]
+        # attention patterns need eager attention: switch once here, not in every batch's trace
+        with eager_attention(model, bool(todo) and any(s.needs_eager_attention for s in sites)):
+            for k in todo:
+                start, stop = k * spb, min((k + 1) * spb, tokens.num_sequences)
+                n_batches = 0
+                for batch in tokens.batches(batch_size, start, stop):
+                    rows[0] = batch.shape[0]
+                    # stop=True: the layers after the last recorded site, and the unembedding, never run
+                    with torch.inference_mode(), trace(model, sites, on_activation=collect, stop=True):
                         model(input_ids=batch.to(model.device), use_cache=False)
-                        n_batches += 1
-                        bar.update(batch.numel())
-                    _check_fired_once(buffers, n_batches)
-                    writer.submit(PendingShard(k, start, stop, buffers))
-                    buffers = {name: [] for name in buffers}
+                    n_batches += 1
+                    bar.update(batch.numel())
+                _check_fired_once(buffers, n_batches)
+                writer.submit(PendingShard(k, start, stop, buffers))
+                buffers = {name: [] for name in buffers}
         writer.close()
         ok = True
     finally:

@@ -32,9 +32,20 @@ DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
 def perplexity(model: nn.Module, tokens: TokenBatches, config: SparsityConfig | None = None,
                batch_size: int = 4) -> tuple[float, float]:
     """``(perplexity, achieved sparsity)`` on the continuation halves of ``tokens``' rows."""
+    rows, achieved = continuation_nll(model, tokens, config, batch_size)
+    return math.exp(float(rows.mean()) / (tokens.seq_len - tokens.seq_len // 2)), achieved
+
+
+def continuation_nll(model: nn.Module, tokens: TokenBatches, config: SparsityConfig | None = None,
+                     batch_size: int = 4) -> tuple[torch.Tensor, float]:
+    """``(summed negative log-likelihood per row, achieved sparsity)`` on the continuation halves.
+
+    Per-row sums, not one total, so that two methods scored on the same rows can be compared
+    row by row (``SparsityEval.compare``).
+    """
     device = next(model.parameters()).device
     split = tokens.seq_len // 2
-    nll, count = 0.0, 0
+    rows = []
     with torch.inference_mode(), apply(model, config or SparsityConfig("teal", 0.0)) as handle:
         totals = {p: torch.zeros_like(m.counter) for p, m in handle.modules.items()}
         for batch in tokens.batches(batch_size):
@@ -46,12 +57,12 @@ def perplexity(model: nn.Module, tokens: TokenBatches, config: SparsityConfig | 
                 totals[p] += m.counter
             logits = torch.cat([first.logits[:, -1:], rest.logits], dim=1).float()
             targets = batch[:, split:]
-            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-            count += targets.numel()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            rows.append(nll.double().sum(dim=1).cpu())
         for p, m in handle.modules.items():
             m.counter.copy_(totals[p])
         achieved = handle.achieved()["overall"] if handle.modules else 0.0
-    return math.exp(nll / count), achieved
+    return torch.cat(rows), achieved
 
 
 @dataclass
@@ -59,8 +70,40 @@ class SparsityEval:
     """Perplexity-vs-sparsity curves per method, with PPL-p% sparsities."""
 
     dense_ppl: float
-    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # method -> points
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> points
     meta: dict[str, Any] = field(default_factory=dict)
+    dense_rows: list[float] = field(default_factory=list)  # per-row summed NLL of the dense model
+
+    def compare(self, method: str, other: str, target: float, resamples: int = 2000,
+                seed: int = 0) -> dict[str, float] | None:
+        """``method``'s perplexity over ``other``'s at one target, with a 95% paired bootstrap interval.
+
+        Both were scored on the same held-out rows, so rows are resampled together: the interval
+        says whether a difference of a fraction of a percent is more than which rows were drawn.
+        ``other="dense"`` compares with the dense model. ``None`` if either lacks per-row losses.
+        """
+        a = next((c.get("row_nll") for c in self.curves.get(method, []) if c["target"] == target), None)
+        b = self.dense_rows if other == "dense" else next(
+            (c.get("row_nll") for c in self.curves.get(other, []) if c["target"] == target), None)
+        if not a or not b or len(a) != len(b):
+            return None
+        ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        per_row_tokens = self.meta["continuation_tokens"]
+        idx = torch.randint(0, len(a), (resamples, len(a)), generator=torch.Generator().manual_seed(seed))
+        diffs = (ta[idx] - tb[idx]).mean(dim=1) / per_row_tokens  # log perplexity ratio per resample
+        low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        mean = float((ta - tb).mean()) / per_row_tokens
+        return {"ratio": math.exp(mean), "low": math.exp(low), "high": math.exp(high), "rows": len(a)}
+
+    def comparisons(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Every method against the first one listed, at each target both reached."""
+        methods = list(self.curves)
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for m in methods[1:]:
+            for c in self.curves[m]:
+                if (r := self.compare(m, methods[0], c["target"])) is not None:
+                    out.setdefault(f"{m} vs {methods[0]}", {})[f"{c['target']:g}"] = r
+        return out
 
     def ppl_p_sparsity(self, method: str, p: float) -> float:
         """Highest sparsity whose perplexity is within ``p``% of dense (linear in log ppl between points)."""
@@ -82,7 +125,9 @@ class SparsityEval:
             "dense_ppl": self.dense_ppl,
             "curves": self.curves,
             "ppl_p_sparsity": {m: {f"{p}%": self.ppl_p_sparsity(m, p) for p in (1, 5)} for m in self.curves},
+            "paired": self.comparisons(),
             "meta": self.meta,
+            "dense_row_nll": self.dense_rows,
         }
 
     def plot_svg(self) -> str:
@@ -153,9 +198,11 @@ def evaluate(
         items = continuation_items(held, n=choices, context=context, length=min(16, held.seq_len - context))
     elif isinstance(choices, (str, os.PathLike)):
         items = load_choice_file(choices, tokenizer)
-    dense, _ = perplexity(model, held, None, batch_size)
-    result = SparsityEval(dense, meta={"calib_tokens": cal.num_tokens, "eval_tokens": held.num_tokens,
-                                       "seq_len": seq_len, "source": tokens.source})
+    dense_rows, _ = continuation_nll(model, held, None, batch_size)
+    per_row = held.seq_len - held.seq_len // 2
+    meta = {"calib_tokens": cal.num_tokens, "eval_tokens": held.num_tokens, "seq_len": seq_len,
+            "continuation_tokens": per_row, "source": tokens.source}
+    result = SparsityEval(math.exp(float(dense_rows.mean()) / per_row), dense_rows=dense_rows.tolist(), meta=meta)
     if items:
         result.meta.update(choice_items=len(items), choice_source=str(choices), dense_accuracy=choice_accuracy(model, items))
     bar = tqdm(total=len(methods) * len(sparsities), desc="sparsify eval", disable=not progress)
@@ -164,8 +211,9 @@ def evaluate(
         for s in sparsities:
             config = calibrate(model, method=method, sparsity=s, tokens=cal, batch_size=batch_size,
                                progress=False, **calibrate_kwargs)
-            ppl, achieved = perplexity(model, held, config, batch_size)
-            point = {"target": s, "achieved": achieved, "ppl": ppl}
+            rows, achieved = continuation_nll(model, held, config, batch_size)
+            point = {"target": s, "achieved": achieved, "ppl": math.exp(float(rows.mean()) / per_row),
+                     "row_nll": rows.tolist()}
             if items:
                 point["accuracy"] = choice_accuracy(model, items, config)
             points.append(point)
