@@ -310,9 +310,17 @@ def test_paired_comparison_of_two_methods():
     assert 1.0 < r["low"] < r["ratio"] < r["high"]  # a steady 2-nat gap per row is no accident
     c = ev.compare("c", "a", 0.5)
     assert c["low"] < 1.0 < c["high"]  # pure noise: the interval straddles 1
-    assert ev.compare("a", "dense", 0.5) == {"ratio": 1.0, "low": 1.0, "high": 1.0, "rows": 40}
+    assert ev.compare("a", "dense", 0.5) == {"ratio": 1.0, "low": 1.0, "high": 1.0, "rows": 40, "run": 6}
+    # rows drawn in runs of 6 consecutive ones: a gap that drifts along the text widens the interval
+    drift = torch.linspace(-3, 5, 40, dtype=torch.float64)
+    ev.curves["d"] = [{"target": 0.5, "achieved": 0.5, "ppl": 1.0, "row_nll": (base + 1 + drift).tolist()}]
+    d = ev.compare("d", "a", 0.5)
+    shuffled = SparsityEval(1.0, {"a": curves["a"], "d": [{**ev.curves["d"][0], "row_nll":
+                            (base + 1 + drift[torch.randperm(40, generator=g)]).tolist()}]}, meta=ev.meta)
+    s = shuffled.compare("d", "a", 0.5)
+    assert d["ratio"] == pytest.approx(s["ratio"]) and d["high"] - d["low"] > s["high"] - s["low"]
     assert ev.compare("a", "b", 0.7) is None
-    assert set(ev.comparisons()) == {"b vs a", "c vs a"}
+    assert set(ev.comparisons()) == {"b vs a", "c vs a", "d vs a"}
 
 
 _TRITON_CHECK = """

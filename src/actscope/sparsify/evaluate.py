@@ -80,6 +80,9 @@ class SparsityEval:
 
         Both were scored on the same held-out rows, so rows are resampled together: the interval
         says whether a difference of a fraction of a percent is more than which rows were drawn.
+        Neighbouring rows are consecutive stretches of one text and share its topics, so they are
+        resampled in runs of about sqrt(rows) consecutive rows (a moving-block bootstrap); single
+        rows would treat them as independent and give too narrow an interval.
         ``other="dense"`` compares with the dense model. ``None`` if either lacks per-row losses.
         """
         a = next((c.get("row_nll") for c in self.curves.get(method, []) if c["target"] == target), None)
@@ -87,13 +90,18 @@ class SparsityEval:
             (c.get("row_nll") for c in self.curves.get(other, []) if c["target"] == target), None)
         if not a or not b or len(a) != len(b):
             return None
-        ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
         per_row_tokens = self.meta["continuation_tokens"]
-        idx = torch.randint(0, len(a), (resamples, len(a)), generator=torch.Generator().manual_seed(seed))
-        diffs = (ta[idx] - tb[idx]).mean(dim=1) / per_row_tokens  # log perplexity ratio per resample
+        n = len(diff)
+        run = max(1, math.isqrt(n))
+        n_runs = -(-n // run)
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, n - run + 1, (resamples, n_runs, 1), generator=gen)
+        idx = (starts + torch.arange(run)).reshape(resamples, -1)[:, :n]
+        diffs = diff[idx].mean(dim=1) / per_row_tokens  # log perplexity ratio per resample
         low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-        mean = float((ta - tb).mean()) / per_row_tokens
-        return {"ratio": math.exp(mean), "low": math.exp(low), "high": math.exp(high), "rows": len(a)}
+        mean = float(diff.mean()) / per_row_tokens
+        return {"ratio": math.exp(mean), "low": math.exp(low), "high": math.exp(high), "rows": n, "run": run}
 
     def comparisons(self) -> dict[str, dict[str, dict[str, float]]]:
         """Every method against the first one listed, at each target both reached."""
