@@ -1,6 +1,6 @@
 """Benchmark: batch-1 greedy decoding with activation sparsity, and the perplexity it costs.
 
-    python bench/sparsify.py [--dtype float32|bfloat16] [--methods teal,wina,...] [--quick]
+    python bench/sparsify.py [--dtype float32|bfloat16] [--methods teal,wina,...] [--quick] [--compile]
 
 Default model, 2 threads, 128 generated tokens per measurement. For each method and target
 sparsity (25/40/50/70%) in one run: decode tokens/s as a ratio to dense decoding measured
@@ -10,6 +10,10 @@ corpus; the held-out text is the next 4k). ``teal-paper`` is TEAL as its paper d
 thresholds from dense-model statistics (one pass) with greedy per-layer allocation; ``teal``
 is our default (uniform, re-measured in a second pass). TEAL's own kernel is GPU-only, so
 every CPU row uses actscope's kernel. Writes bench/out/sparsify.json and a Markdown table.
+
+``--compile`` decodes with ``sparsify.StaticDecoder(compile=True)`` instead of HF's ``generate``,
+dense and sparse alike (each configuration compiles once, untimed), and also reports the
+compiled dense rate against HF's dense ``generate``.
 """
 
 from __future__ import annotations
@@ -39,10 +43,23 @@ VARIANTS = {
 }
 
 
-def decode_rate(model, ids: torch.Tensor, n: int) -> float:
+def decode_rate(model, ids: torch.Tensor, n: int, decoder=None) -> float:
+    """Tokens/s of HF's greedy ``generate``, or of a ready ``StaticDecoder`` when one is given."""
     start = time.perf_counter()
-    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    if decoder is None:
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    else:
+        decoder.generate(ids, n)
     return n / (time.perf_counter() - start)
+
+
+def compiled_decoder(model, ids: torch.Tensor, n: int):
+    """A ``StaticDecoder(compile=True)`` for this prompt, compiled and warmed up (untimed)."""
+    from actscope.sparsify import StaticDecoder
+
+    dec = StaticDecoder(model, 1, ids.shape[1] + n, compile=True)
+    dec.generate(ids, n)
+    return dec
 
 
 def write_plot(result: dict, path: Path) -> None:
@@ -68,11 +85,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small run to check the script")
     ap.add_argument("--speed-only", action="store_true", help="skip perplexity (e.g. for bfloat16 on CPU)")
     ap.add_argument("--plot", help="only redraw the plot of a saved result JSON into docs/img/sparsify/")
+    ap.add_argument("--compile", action="store_true", help="decode with StaticDecoder(compile=True)")
     args = ap.parse_args()
     if args.plot:
         result = json.loads(Path(args.plot).read_text())
         write_plot(result, Path("docs/img/sparsify") / f"ppl_vs_sparsity-{result['dtype']}.svg")
         return
+    if args.compile and "coreinfer" in args.methods.split(","):
+        raise SystemExit("--compile runs one fixed step per configuration: CoreInfer's prompt detection cannot "
+                         "live in it; pass --methods without coreinfer")
     if args.quick:
         args.new_tokens, args.calib_tokens, args.eval_tokens = 16, 1024, 1024
     torch.set_num_threads(2)
@@ -97,17 +118,26 @@ def main() -> None:
             plan.append((name, s, config, time.perf_counter() - t0))
     model.to(dtype)
     decode_rate(model, ids, 8)  # warm-up
+    dense_dec = None
+    if args.compile:
+        torch._dynamo.config.recompile_limit = 64  # one compiled step per configuration
+        with torch.inference_mode():
+            dense_dec = compiled_decoder(model, ids, args.new_tokens)
+            hf, comp = decode_rate(model, ids, args.new_tokens), decode_rate(model, ids, args.new_tokens, dense_dec)
+        print(f"dense: HF generate {hf:.1f} tok/s, compiled static-cache step {comp:.1f} tok/s = {comp / hf:.2f}x")
     dense_ppl, _ = perplexity(model, held) if not args.speed_only else (float("nan"), 0.0)
     rows = []
     dense_rates = []
     print(f"dense perplexity {dense_ppl:.3f}")
     for name, s, config, cal_s in plan:
-        dense = decode_rate(model, ids, args.new_tokens)
+        with torch.inference_mode():
+            dense = decode_rate(model, ids, args.new_tokens, dense_dec)
         dense_rates.append(dense)
         with torch.inference_mode(), apply(model, config) as handle:
-            decode_rate(model, ids, 4)  # CoreInfer: fresh prompt; kernels warm
+            dec = compiled_decoder(model, ids, args.new_tokens) if args.compile else None
+            decode_rate(model, ids, 4, dec)  # CoreInfer: fresh prompt; kernels warm
             handle.reset()
-            rate = decode_rate(model, ids, args.new_tokens)
+            rate = decode_rate(model, ids, args.new_tokens, dec)
             achieved = handle.achieved()["overall"]
         ppl, ppl_achieved = perplexity(model, held, config) if not args.speed_only else (float("nan"), achieved)
         # achieved: measured on the held-out continuations (after each prompt), i.e. while decoding
@@ -120,7 +150,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = dict(dtype=args.dtype, dense_ppl=dense_ppl, dense_tok_s=sum(dense_rates) / len(dense_rates),
                   new_tokens=args.new_tokens, rows=rows, kernels=kernel_status())
-    (out / f"sparsify-{args.dtype}.json").write_text(json.dumps(result, indent=1))
+    suffix = "-compiled" if args.compile else ""
+    (out / f"sparsify-{args.dtype}{suffix}.json").write_text(json.dumps(result, indent=1))
     if not args.speed_only:
         write_plot(result, Path("docs/img/sparsify") / f"ppl_vs_sparsity-{args.dtype}.svg")
     print(f"\n| method | target | achieved | decode speed vs dense | perplexity (dense {dense_ppl:.2f}) |")

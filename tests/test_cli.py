@@ -148,6 +148,13 @@ def test_sparsify_calibrate_eval_and_sparse_generation(tiny_llama_dir, tmp_path,
                                  "--sparsity", str(cfg), "--max-new-tokens", "4", "--static-cache"], capsys, monkeypatch)
     assert code == 0, err
     assert out_static == out  # the static-cache loop decodes exactly what HF's generate does
+    code, out_compiled, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "The quick", "--device",
+                                   "cpu", "--sparsity", str(cfg), "--max-new-tokens", "4", "--compile"], capsys, monkeypatch)
+    assert code == 0, err
+    assert out_compiled == out and "compiling included" in err
+    code, _, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--compile", "--no-static-cache"],
+                       capsys, monkeypatch)
+    assert code == 2 and "drop --no-static-cache" in err
     code, out, err = run(["sparsify", "eval", "--model", str(tiny_llama_dir), "--data", str(data),
                           "--methods", "teal,topk", "--sparsities", "0.3,0.6", "--calib-tokens", "256",
                           "--eval-tokens", "256", "--seq-len", "32", "--choices", "6",

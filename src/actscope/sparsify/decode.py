@@ -9,6 +9,17 @@ of the model, sparsified or not, over HF's ``StaticCache`` and replays it. On CP
 ``cuda_graph=False``, it runs the same loop eagerly, which is also how it is tested to
 reproduce HF's greedy ``generate``.
 
+``compile=True`` also runs each step through ``torch.compile``, which fuses the small operations
+between the linears (norms, rotary embeddings, residual adds). A sparsified linear is one
+operator inside that graph (``sparsify/ops.py``), so the step has no graph break. It decoded
+the same tokens as the uncompiled loop on the test model and on SmolLM2, but fused kernels may
+round differently, so exact equality is not promised. On CPU, SmolLM2 decodes about 1.25x faster
+compiled, dense and sparse alike, after about a minute of compiling (seconds once Inductor's
+cache is warm). On a GPU it has not been measured yet: there those small operations are most of
+a step once the linears are sparse. Each compiled decoder adds a variant of the step to
+``torch._dynamo``'s cache, which holds ``torch._dynamo.config.recompile_limit`` of them (8 by
+default) before falling back to eager code; keep one decoder per configuration.
+
 The graph freezes whatever the model does in one step, so hooks that keep Python state across
 steps (steering on generated positions only, CoreInfer's prompt detection) must not be active
 inside it. ``sparsify.apply`` with the threshold methods keeps every threshold and counter on
@@ -27,7 +38,8 @@ from ..errors import SparsifyError
 class StaticDecoder:
     """Greedy decoding of ``[batch, prompt]`` token ids for a fixed number of new tokens."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
+                 compile: bool = False):
         from transformers import StaticCache
 
         self.model = model
@@ -41,10 +53,23 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.compile = compile
+        self._compiled = None
 
-    def _step(self) -> torch.Tensor:
+    def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
         return out.logits[:, -1]
+
+    def _step(self) -> torch.Tensor:
+        return self._compiled() if self._compiled is not None else self._forward()
+
+    def _compile(self, prompt: torch.Tensor) -> None:
+        # one eager step first, so layers make their lazy state (e.g. transposed weights) outside
+        # the graph; the cache is reset by the next prefill (a second call at the same position
+        # would not be a no-op: the static cache counts what it has seen)
+        self._prefill(prompt)
+        self._forward()
+        self._compiled = torch.compile(self._forward, dynamic=False)
 
     def _prefill(self, prompt: torch.Tensor) -> None:
         self.cache.reset()
@@ -77,6 +102,8 @@ class StaticDecoder:
                                 f"cache length {self.max_len}")
         if max_new_tokens < 1:
             return prompt
+        if self.compile and self._compiled is None:
+            self._compile(prompt)
         if self.cuda_graph and self.graph is None:
             self._capture(prompt)
         self._prefill(prompt)
@@ -94,11 +121,11 @@ class StaticDecoder:
 
 
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
-                  cuda_graph: bool | None = None) -> torch.Tensor:
+                  cuda_graph: bool | None = None, compile: bool = False) -> torch.Tensor:
     """Greedy continuation of ``input_ids`` (``[batch, length]``, no padding), ``max_new_tokens`` long.
 
     On CUDA each step is one CUDA-graph replay (``cuda_graph=None`` picks it by device). For
     repeated calls with the same shapes keep a ``StaticDecoder``: it captures once.
     """
-    dec = StaticDecoder(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, cuda_graph)
+    dec = StaticDecoder(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, cuda_graph, compile)
     return dec.generate(input_ids, max_new_tokens)

@@ -76,7 +76,11 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= min(self._max_rows, KERNEL_MAX_ROWS) and not torch.is_grad_enabled():
-            if self._cpu is not None and x2.dtype == self._wt_dtype:  # the hot path of CPU decoding
+            if torch.compiler.is_compiling():  # one opaque op, so the compiled step has no graph break
+                from . import ops
+
+                y = ops.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self._scale, self.counter)
+            elif self._cpu is not None and x2.dtype == self._wt_dtype:  # the hot path of CPU decoding
                 y = self._cpu.sparse_linear(x2, self._wt, self.bias, self.thresh, self._scale, self.counter)
             else:
                 y = kernel.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self.scale, self.counter)
