@@ -1,6 +1,6 @@
 """Benchmark on a CUDA GPU: the Triton sparse kernel, and bfloat16 greedy decoding with TEAL/WINA.
 
-    python bench/sparsify_gpu.py [--quick] [--models smollm2-135m,llama-8b-shape]
+    python bench/sparsify_gpu.py [--quick] [--models smollm2-135m,llama-8b-shape] [--compile]
 
 Part 1, kernel: ``F.linear`` (cuBLAS) time / Triton sparse kernel time for a 1-, 4- and
 16-row bfloat16 input at 0-90% input sparsity, on the default model's shapes and on
@@ -16,7 +16,8 @@ ratio is printed too). The GPU machine reaches no model hub and cannot carry the
 models are randomly initialised from the real configs (SmolLM2-135M's and Llama-3-8B's), and
 thresholds are calibrated on random tokens: the kernel's speed depends on how many inputs are
 kept, which is measured and printed, not on what the weights mean. Perplexity is a CPU-bench
-matter (bench/sparsify.py): thresholds are dtype- and device-free.
+matter (bench/sparsify.py): thresholds are dtype- and device-free. ``--compile`` adds rows
+decoded with ``StaticDecoder(compile=True)`` (``torch.compile`` inside the CUDA graph) at 50%.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def decode_rate(dec, prompt: torch.Tensor, n_new: int) -> float:
     return n_new / (time.perf_counter() - start)
 
 
-def decode_table(names: list[str], quick: bool) -> list[dict]:
+def decode_table(names: list[str], quick: bool, compile: bool = False) -> list[dict]:
     from actscope.data import TokenBatches
     from actscope.sparsify import StaticDecoder, apply, calibrate
 
@@ -113,24 +114,25 @@ def decode_table(names: list[str], quick: bool) -> list[dict]:
             for s in SPARSITIES[2:3] if quick else SPARSITIES:
                 plan.append((method, s, calibrate(model, method=method, sparsity=s, tokens=cal, progress=False,
                                                   passes=1 if "8b" in name else 2)))
-        for graph in (True, False):
-            dense_dec = StaticDecoder(model, 1, prompt.shape[1] + n_new, cuda_graph=graph)
+        modes = [("graph", True, False), ("eager", False, False)] + ([("compiled graph", True, True)] if compile else [])
+        for mode, graph, comp in modes:
+            dense_dec = StaticDecoder(model, 1, prompt.shape[1] + n_new, cuda_graph=graph, compile=comp)
             decode_rate(dense_dec, prompt, n_new)  # capture / warm-up
             for method, s, config in plan:
-                if not graph and s != 0.5:
-                    continue  # eager decoding is launch-bound: one point shows it
+                if mode != "graph" and s != 0.5:
+                    continue  # eager decoding is launch-bound, compiling is slow: one point each
                 dense = decode_rate(dense_dec, prompt, n_new)
                 with torch.inference_mode(), apply(model, config) as handle:
-                    dec = StaticDecoder(model, 1, prompt.shape[1] + n_new, cuda_graph=graph)
+                    dec = StaticDecoder(model, 1, prompt.shape[1] + n_new, cuda_graph=graph, compile=comp)
                     decode_rate(dec, prompt, n_new)  # capture / warm-up
                     handle.reset()
                     rate = decode_rate(dec, prompt, n_new)
                     achieved = handle.achieved()["overall"]
                     del dec
-                r = dict(model=name, graph=graph, method=method, target=s, achieved=achieved, dense_tok_s=dense,
-                         tok_s=rate, ratio=rate / dense)
+                r = dict(model=name, graph=graph, compiled=comp, method=method, target=s, achieved=achieved,
+                         dense_tok_s=dense, tok_s=rate, ratio=rate / dense)
                 rows.append(r)
-                print(f"{name} {'graph' if graph else 'eager'} {method} {s:.0%}: {rate:7.1f} tok/s = {rate/dense:.2f}x "
+                print(f"{name} {mode} {method} {s:.0%}: {rate:7.1f} tok/s = {rate/dense:.2f}x "
                       f"dense ({dense:.1f}); achieved {achieved:.1%}", flush=True)
             del dense_dec
         del model
@@ -143,6 +145,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default=",".join(CONFIGS))
     ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also decode with StaticDecoder(compile=True) at 50%%")
     ap.add_argument("--out", default="bench/out/sparsify-gpu.json")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -151,12 +154,15 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     result["kernel"] = [] if args.skip_kernel else kernel_table(args.quick)
-    result["decode"] = decode_table(args.models.split(","), args.quick)
+    if args.compile:
+        torch._dynamo.config.recompile_limit = 64  # one compiled step per configuration
+    result["decode"] = decode_table(args.models.split(","), args.quick, args.compile)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("\n| model | steps | method | target | achieved | decode speed vs dense bf16 |\n|---|---|---|---|---|---|")
     for r in result["decode"]:
-        print(f"| {r['model']} | {'CUDA graph' if r['graph'] else 'eager'} | {r['method']} | {r['target']:.0%} | "
+        steps = ("compiled + " if r["compiled"] else "") + ("CUDA graph" if r["graph"] else "eager")
+        print(f"| {r['model']} | {steps} | {r['method']} | {r['target']:.0%} | "
               f"{r['achieved']:.1%} | {r['ratio']:.2f}x ({r['dense_tok_s']:.0f} tok/s dense) |")
 
 
