@@ -33,7 +33,12 @@ def perplexity(model: nn.Module, tokens: TokenBatches, config: SparsityConfig | 
                batch_size: int = 4) -> tuple[float, float]:
     """``(perplexity, achieved sparsity)`` on the continuation halves of ``tokens``' rows."""
     rows, achieved = continuation_nll(model, tokens, config, batch_size)
-    return math.exp(float(rows.mean()) / (tokens.seq_len - tokens.seq_len // 2)), achieved
+    return _perplexity(rows, tokens), achieved
+
+
+def _perplexity(row_nll: torch.Tensor, tokens: TokenBatches) -> float:
+    """Perplexity from per-row summed losses over the continuation halves (equal-length rows)."""
+    return math.exp(float(row_nll.mean()) / (tokens.seq_len - tokens.seq_len // 2))
 
 
 def continuation_nll(model: nn.Module, tokens: TokenBatches, config: SparsityConfig | None = None,
@@ -210,7 +215,7 @@ def evaluate(
     per_row = held.seq_len - held.seq_len // 2
     meta = {"calib_tokens": cal.num_tokens, "eval_tokens": held.num_tokens, "seq_len": seq_len,
             "continuation_tokens": per_row, "source": tokens.source}
-    result = SparsityEval(math.exp(float(dense_rows.mean()) / per_row), dense_rows=dense_rows.tolist(), meta=meta)
+    result = SparsityEval(_perplexity(dense_rows, held), dense_rows=dense_rows.tolist(), meta=meta)
     if items:
         result.meta.update(choice_items=len(items), choice_source=str(choices), dense_accuracy=choice_accuracy(model, items))
     bar = tqdm(total=len(methods) * len(sparsities), desc="sparsify eval", disable=not progress)
@@ -220,8 +225,7 @@ def evaluate(
             config = calibrate(model, method=method, sparsity=s, tokens=cal, batch_size=batch_size,
                                progress=False, **calibrate_kwargs)
             rows, achieved = continuation_nll(model, held, config, batch_size)
-            point = {"target": s, "achieved": achieved, "ppl": math.exp(float(rows.mean()) / per_row),
-                     "row_nll": rows.tolist()}
+            point = {"target": s, "achieved": achieved, "ppl": _perplexity(rows, held), "row_nll": rows.tolist()}
             if items:
                 point["accuracy"] = choice_accuracy(model, items, config)
             points.append(point)
