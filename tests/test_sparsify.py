@@ -61,6 +61,12 @@ def test_kernel_equals_masked_dense(dtype, rows, kind):
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * 10)
     assert counter.tolist() == ref_counter.tolist()
     assert 0 < counter[0] < counter[1]  # the masks really were partial
+    # the same kernel as the registered operator that compiled decoding steps call
+    from actscope.sparsify import ops
+
+    op_counter = torch.zeros(2, dtype=torch.int64)
+    assert torch.equal(ops.sparse_linear(x, wt, bias, thresh, scale, op_counter), got)
+    assert op_counter.tolist() == ref_counter.tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
