@@ -64,12 +64,12 @@ def probe_shapes(model: Any, sites: list[Site], first: torch.Tensor, seq_len: in
     from .trace import trace
 
     shapes: dict[str, tuple[int, ...]] = {}
-    fired: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    fired = {s.name: 0 for s in sites}
 
     def keep(site: Site, x: torch.Tensor) -> None:
         shape = tuple(token_major(site, x, first.shape[0]).shape[1:])
         shapes[site.name] = (*shape[:-1], seq_len) if site.needs_eager_attention else shape
-        fired[site.name].append(x[:0])
+        fired[site.name] += 1
 
     with torch.inference_mode(), trace(model, sites, on_activation=keep):
         model(input_ids=first.to(model.device), use_cache=False)
@@ -113,11 +113,11 @@ def _check_existing(loc: Location, manifest: dict, existing: dict | None, overwr
     return manifest
 
 
-def _check_fired_once(buffers: dict[str, list[torch.Tensor]], n_batches: int) -> None:
-    for name, chunks in buffers.items():
-        if len(chunks) != n_batches:
+def _check_fired_once(fired: dict[str, int], n_batches: int) -> None:
+    for name, count in fired.items():
+        if count != n_batches:
             raise StoreError(
-                f"site {name} fired {len(chunks)} times in {n_batches} forward passes; "
+                f"site {name} fired {count} times in {n_batches} forward passes; "
                 "recording needs exactly one activation per token"
             )
 
@@ -268,7 +268,7 @@ def _record_shards(
                         model(input_ids=batch.to(model.device), use_cache=False)
                     n_batches += 1
                     bar.update(batch.numel())
-                _check_fired_once(buffers, n_batches)
+                _check_fired_once({name: len(chunks) for name, chunks in buffers.items()}, n_batches)
                 writer.submit(PendingShard(k, start, stop, buffers))
                 buffers = {name: [] for name in buffers}
         writer.close()
