@@ -44,3 +44,22 @@ def test_null_fraction_detects_unread_directions(tiny_llama):
     assert all(0.1 < f < 0.6 for f in res["null_fraction"])
     with pytest.raises(actscope.ActscopeError, match="directions have 10 dims"):
         actscope.subspace_patch(model, tok, CLEAN, CORRUPT, "blocks.0.mlp.hook_post", torch.randn(10, 1), metric=_metric)
+
+
+def _minus_kl_to_clean(model, tok, text):
+    """-KL(p_clean || p_text) at the last position, computed here with torch's own kl_div."""
+    with torch.inference_mode():
+        logp = [torch.log_softmax(model(input_ids=tok(t, return_tensors="pt").input_ids).logits[0, -1].float(), -1)
+                for t in (CLEAN, text)]
+    return -float(torch.nn.functional.kl_div(logp[1], logp[0], log_target=True, reduction="sum"))
+
+
+def test_kl_metric_matches_patch_and_an_independent_kl(tiny_llama):
+    model, tok = tiny_llama
+    res = actscope.subspace_patch(model, tok, CLEAN, CORRUPT, "blocks.1.hook_resid_pre", torch.eye(64),
+                                  positions=[4], metric="kl")
+    assert res["metric_clean"] == pytest.approx(0.0, abs=1e-6)
+    want = _minus_kl_to_clean(model, tok, CORRUPT)
+    assert want < -1e-4 and res["metric_corrupted"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    ordinary = actscope.patch(model, tok, CLEAN, CORRUPT, sites=["blocks.1.hook_resid_pre"], positions=[4], metric="kl")
+    assert res["metric_patched"] == pytest.approx(float(ordinary.patched[0, 0]), abs=1e-5)

@@ -65,7 +65,6 @@ def attribution_patch(
     """Estimate every (site, position) patching effect; with ``check``, also run the real sweep."""
     sm = SiteMap(model)
     resolved: list[Site] = _resolve(sm, sites)
-    measure = make_metric(tokenizer, metric, target, foil)
     clean_ids = tokenizer(clean, return_tensors="pt").input_ids.to(model.device)
     corrupt_ids = tokenizer(corrupted, return_tensors="pt").input_ids.to(model.device)
     if clean_ids.shape != corrupt_ids.shape:
@@ -73,7 +72,10 @@ def attribution_patch(
 
         raise ActscopeError("attribution patching needs prompts of the same length in tokens")
     with torch.inference_mode(), trace(model, resolved) as cache:
-        m_clean = float(measure(model(input_ids=clean_ids, use_cache=False).logits[:, -1])[0])
+        clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
+    # built outside inference mode: the "kl" metric's clean distribution enters the backward pass
+    measure = make_metric(tokenizer, metric, target, foil, clean_logits)
+    m_clean = float(measure(clean_logits)[0])
     clean_acts = {s.name: cache[s.name][0].clone() for s in resolved}
     acts: dict[str, torch.Tensor] = {}
 

@@ -90,9 +90,34 @@ def _token_id(tokenizer: Any, text: str | int) -> int:
     return ids[0]
 
 
-def make_metric(tokenizer: Any, metric: str | Metric, target: str | int | None, foil: str | int | None) -> Metric:
+def kl_metric(clean_logits: torch.Tensor) -> Metric:
+    """``-KL(p_clean || p)`` of the last position's next-token distribution: 0 for the clean run
+    and negative elsewhere, so "higher is more clean-like" as for the other metrics. It needs the
+    clean run's logits, which is why callers build it after their clean forward pass."""
+    clean_logp = torch.log_softmax(clean_logits.detach().float(), -1)
+
+    def measure(logits: torch.Tensor) -> torch.Tensor:
+        return -(clean_logp.exp() * (clean_logp - torch.log_softmax(logits.float(), -1))).sum(-1)
+
+    return measure
+
+
+def make_metric(
+    tokenizer: Any,
+    metric: str | Metric,
+    target: str | int | None,
+    foil: str | int | None,
+    clean_logits: torch.Tensor | None = None,
+) -> Metric:
+    """The one place a metric name becomes a function of the last-position logits ``[rows, vocab]``,
+    so ``patch``, ``subspace_patch`` and ``attribution_patch`` mean the same thing by each name.
+    ``clean_logits`` (the clean run's last-position logits) is needed by ``"kl"`` only."""
     if callable(metric):
         return metric
+    if metric == "kl":
+        if clean_logits is None:
+            raise ActscopeError("metric 'kl' needs the clean run's logits (clean_logits=)")
+        return kl_metric(clean_logits)
     if metric in ("logit_diff", "prob") and target is None:
         raise ActscopeError(f"metric {metric!r} needs a target token")
     t = _token_id(tokenizer, target) if target is not None else None
@@ -250,7 +275,6 @@ def patch(
         flat_sites = [s.name for s in resolved if s.view is None]
         if flat_sites:
             raise ActscopeError(f"heads= needs per-head sites such as attn.hook_z, not {flat_sites[0]}")
-    measure = make_metric(tokenizer, metric, target, foil) if metric != "kl" else None
     enc = lambda text: tokenizer(text, return_tensors="pt").input_ids.to(model.device)  # noqa: E731
     clean_ids, corrupt_ids = enc(clean), enc(corrupted)
     T = corrupt_ids.shape[1]
@@ -265,12 +289,7 @@ def patch(
     with torch.inference_mode(), trace(model, resolved) as cache:
         clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
     values = {s.name: cache[s.name][0] for s in resolved}
-    if measure is None:  # KL to the clean next-token distribution
-        clean_logp = torch.log_softmax(clean_logits.float(), -1)
-
-        def measure(logits: torch.Tensor) -> torch.Tensor:
-            return -(clean_logp.exp() * (clean_logp - torch.log_softmax(logits.float(), -1))).sum(-1)
-
+    measure = make_metric(tokenizer, metric, target, foil, clean_logits)
     cells = [[s] for s in resolved] if heads is None else [[(s, h)] for s in resolved for h in heads]
     patched, m_corrupt = sweep(model, corrupt_ids, cells, values, alignment, positions, measure, method=method)
     m_clean = float(measure(clean_logits)[0])

@@ -80,7 +80,6 @@ def subspace_patch(
     (s,) = sm.resolve([site])
     if s.view is not None or s.needs_eager_attention:
         raise ActscopeError(f"subspace patching needs a [batch, pos, d] site, not {site}")
-    measure = make_metric(tokenizer, metric, target, foil)
     clean_ids = tokenizer(clean, return_tensors="pt").input_ids.to(model.device)
     corrupt_ids = tokenizer(corrupted, return_tensors="pt").input_ids.to(model.device)
     if clean_ids.shape != corrupt_ids.shape:
@@ -88,8 +87,10 @@ def subspace_patch(
     U = directions.reshape(directions.shape[0], -1).float()
     q, _ = torch.linalg.qr(U)
     with torch.inference_mode(), trace(model, [s]) as cache:
-        m_clean = float(measure(model(input_ids=clean_ids, use_cache=False).logits[:, -1])[0])
-        m_corrupt = float(measure(model(input_ids=corrupt_ids, use_cache=False).logits[:, -1])[0])
+        clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
+        corrupt_logits = model(input_ids=corrupt_ids, use_cache=False).logits[:, -1]
+    measure = make_metric(tokenizer, metric, target, foil, clean_logits)  # "kl" needs the clean logits
+    m_clean, m_corrupt = float(measure(clean_logits)[0]), float(measure(corrupt_logits)[0])
     h_clean, h_corrupt = cache.all(s.name)
     if q.shape[0] != h_clean.shape[-1]:
         raise ActscopeError(f"directions have {q.shape[0]} dims; {site} has {h_clean.shape[-1]}")
