@@ -155,3 +155,14 @@ def test_scan_without_patterns_and_bad_options(tiny_tokenizer):
         actscope.scan(model, tiny_tokenizer, None, sequence_length=3)
     with pytest.raises(actscope.ActscopeError, match="exceeds the model's context length of 256"):
         actscope.scan(model, tiny_tokenizer, None, seq_len=1024)
+
+
+def test_scan_leaves_the_callers_config_unchanged(tiny_tokenizer):
+    from dataclasses import asdict
+
+    model = tiny_model("llama")
+    cfg = actscope.ScanConfig(seq_len=32, max_tokens=64, batch_size=2, patterns=False)
+    before = asdict(cfg)
+    report = actscope.scan(model, tiny_tokenizer, None, config=cfg, progress=False, seq_len=16, topk=2)
+    assert asdict(cfg) == before and cfg.seq_len == 32 and cfg.topk == 5
+    assert report["config"]["seq_len"] == 16 and report["config"]["topk"] == 2  # the overrides did apply

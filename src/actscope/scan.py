@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -265,11 +265,12 @@ def scan(
     """
     from .report.build import build_report
 
-    cfg = config or ScanConfig()
-    for key, value in overrides.items():
-        if not hasattr(cfg, key):
-            raise ActscopeError(f"unknown scan option {key!r}; options: {', '.join(asdict(cfg))}")
-        setattr(cfg, key, value)
+    base = config or ScanConfig()
+    for key in overrides:
+        if not hasattr(base, key):
+            raise ActscopeError(f"unknown scan option {key!r}; options: {', '.join(asdict(base))}")
+    # a copy: the caller's config is often reused for the next scan and must not carry overrides
+    cfg = replace(base, **overrides)
     limit = context_length(model)
     if limit is not None and cfg.seq_len > limit:
         raise ActscopeError(f"--seq-len {cfg.seq_len} exceeds the model's context length of {limit} tokens")
