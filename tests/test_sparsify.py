@@ -11,6 +11,7 @@ from tiny import VOCAB, random_tokens, tiny_model
 
 from actscope.data import TokenBatches
 from actscope.errors import SparsifyError
+from actscope.kvcache import output_cache, with_cache
 from actscope.sparsify import (
     SparseAct,
     SparseLinear,
@@ -93,14 +94,14 @@ def test_decode_kernels_equal_dense_path_in_a_model(llama, monkeypatch, method):
 
     def decode() -> torch.Tensor:
         with torch.inference_mode(), apply(llama, config):
-            cache = llama(prompt, use_cache=True).past_key_values
-            return llama(step, past_key_values=cache, use_cache=True).logits
+            cache = output_cache(llama(prompt, use_cache=True))
+            return llama(step, **with_cache(cache), use_cache=True).logits
 
     fast = decode()  # 3 rows per call: the kernels, and gate/up computing only kept rows
     monkeypatch.setattr(apply_mod, "KERNEL_MAX_ROWS", 0)
     slow = decode()  # masked dense matmuls everywhere
     assert torch.allclose(fast, slow, atol=1e-4), (fast - slow).abs().max()
-    assert not torch.allclose(fast, llama(step, past_key_values=llama(prompt, use_cache=True).past_key_values).logits,
+    assert not torch.allclose(fast, llama(step, **with_cache(output_cache(llama(prompt, use_cache=True)))).logits,
                               atol=1e-3)  # and the sparsity really changed the output
 
 
@@ -229,7 +230,7 @@ def test_coreinfer_fixes_core_neurons_after_the_prompt(llama):
         h = llama.get_submodule("model.layers.1.mlp.down_proj").register_forward_pre_hook(
             lambda m, a: seen.append(a[0]))
         out = llama(prompt, use_cache=True)
-        llama(torch.tensor([[5]]), past_key_values=out.past_key_values, use_cache=True)
+        llama(torch.tensor([[5]]), **with_cache(output_cache(out)), use_cache=True)
         h.remove()
     prompt_in, decode_in = seen
     assert (prompt_in != 0).float().mean() > 0.99  # the prompt runs dense

@@ -28,6 +28,7 @@ import torch
 
 from .errors import ActscopeError
 from .intervene import edits
+from .kvcache import output_cache, with_cache
 from .sites import Site, SiteMap
 from .trace import trace
 
@@ -235,14 +236,14 @@ def sweep(
         elif method == "fast":
             past = None
             if p > 0:  # positions before p are exactly the corrupted run's: reuse its KV cache
-                past = copy.deepcopy(out.past_key_values)
+                past = copy.deepcopy(output_cache(out))
                 past.crop(p - T)
                 past.batch_repeat_interleave(G)
             state.update(offset=p, reps=G)
             rows = [slice(g, None, G) for g, _ in flat]  # row = sample * G + group
             with torch.inference_mode(), _noise_hook(model, noise, state), \
                     _patch_hooks(model, [cell for _, cell in flat], rows, 0, vals):
-                logits = model(input_ids=corrupt_ids[:, p:].expand(S * G, -1), past_key_values=past,
+                logits = model(input_ids=corrupt_ids[:, p:].expand(S * G, -1), **with_cache(past),
                                use_cache=past is not None).logits[:, -1]
             patched[:, j] = measure(logits).reshape(S, G).mean(0)
         else:

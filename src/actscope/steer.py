@@ -24,6 +24,7 @@ import torch
 
 from .errors import ActscopeError
 from .intervene import edits
+from .kvcache import cached_length
 from .sites import SiteMap
 from .trace import trace
 
@@ -135,8 +136,7 @@ class _PositionTracker:
         self.seen = 0
 
     def pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        past = cached_length(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")

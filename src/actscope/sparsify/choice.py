@@ -27,6 +27,7 @@ from torch import nn
 
 from ..data import TokenBatches
 from ..errors import SparsifyError
+from ..kvcache import output_cache, with_cache
 from .config import SparsityConfig
 from .swap import apply
 
@@ -111,7 +112,7 @@ def choice_accuracy(model: nn.Module, items: list[ChoiceItem], config: SparsityC
                 valid[j, : c.numel()] = True
             logits = first.logits[:, -1:].float()
             if width > 1:  # padding sits after each choice's last token: causal attention never lets it in
-                rest = model(input_ids=batch[:, :-1], past_key_values=first.past_key_values, use_cache=True)
+                rest = model(input_ids=batch[:, :-1], **with_cache(output_cache(first)), use_cache=True)
                 logits = torch.cat([logits, rest.logits.float()], dim=1)
             logp = torch.log_softmax(logits, -1).gather(-1, batch[..., None])[..., 0]
             score = (logp * valid).sum(1) / valid.sum(1)

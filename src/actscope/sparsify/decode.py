@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsifyError
+from ..kvcache import with_cache
 
 
 class StaticDecoder:
@@ -57,7 +58,7 @@ class StaticDecoder:
         self._compiled = None
 
     def _forward(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
+        out = self.model(input_ids=self.ids, **with_cache(self.cache), cache_position=self.pos, use_cache=True)
         return out.logits[:, -1]
 
     def _step(self) -> torch.Tensor:
@@ -74,7 +75,7 @@ class StaticDecoder:
     def _prefill(self, prompt: torch.Tensor) -> None:
         self.cache.reset()
         n = prompt.shape[1]
-        out = self.model(input_ids=prompt, past_key_values=self.cache,
+        out = self.model(input_ids=prompt, **with_cache(self.cache),
                          cache_position=torch.arange(n, device=self.device), use_cache=True)
         self.ids.copy_(out.logits[:, -1:].argmax(-1))
         self.pos.fill_(n)

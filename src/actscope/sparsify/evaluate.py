@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data import TokenBatches, load_tokens
 from ..errors import SparsifyError
+from ..kvcache import output_cache, with_cache
 from .swap import apply
 from .calibrate import calibrate
 from .choice import choice_accuracy, continuation_items, load_choice_file
@@ -57,7 +58,7 @@ def continuation_nll(model: nn.Module, tokens: TokenBatches, config: SparsityCon
             batch = batch.to(device)
             first = model(input_ids=batch[:, :split], use_cache=True)
             handle.reset()  # achieved sparsity is measured where it pays: on the continuation
-            rest = model(input_ids=batch[:, split:-1], past_key_values=first.past_key_values, use_cache=True)
+            rest = model(input_ids=batch[:, split:-1], **with_cache(output_cache(first)), use_cache=True)
             for p, m in handle.modules.items():
                 totals[p] += m.counter
             logits = torch.cat([first.logits[:, -1:], rest.logits], dim=1).float()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SparsifyError
+from ..kvcache import cached_length
 from . import kernel
 from .config import SparsityConfig
 from .layout import layer_modules
@@ -300,8 +301,6 @@ def _prompt_detector(state: _CoreState):
     """A call without cached keys starts a new prompt: CoreInfer picks new core neurons then."""
 
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("past_key_values")
-        length = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
-        state.new_prompt = past is None or length == 0
+        state.new_prompt = cached_length(kwargs) == 0
 
     return pre
