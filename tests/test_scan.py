@@ -166,3 +166,24 @@ def test_scan_leaves_the_callers_config_unchanged(tiny_tokenizer):
     report = actscope.scan(model, tiny_tokenizer, None, config=cfg, progress=False, seq_len=16, topk=2)
     assert asdict(cfg) == before and cfg.seq_len == 32 and cfg.topk == 5
     assert report["config"]["seq_len"] == 16 and report["config"]["topk"] == 2  # the overrides did apply
+
+
+def test_summary_names_the_layer_runs_and_the_peak():
+    from actscope.report.summary import summarize
+
+    def row(layer: int, value: float, dim: int = 507) -> dict:
+        return {"layer": layer, "dim": dim, "position": 0, "token": "<s>", "value": value,
+                "ratio_to_median": value / 0.5, "count": 20}
+
+    # like the default model: 938 in layer 2, nothing in 3-10, about 25,000 in 11-27 (peak in 19)
+    rows = [row(2, 938.0)] + [row(l, 25_000.0 + (500.0 if l == 19 else l)) for l in range(11, 28)]
+    rows.append(row(5, 300.0, dim=9))  # another dimension must not join dimension 507's layers
+    report = {"massive_activations": sorted(rows, key=lambda r: -abs(r["value"])),
+              "tokens": 64 * 20, "config": {"seq_len": 64}}
+    assert summarize(report)[0] == (
+        "Massive activation: residual dimension 507 at position 0 of every sequence appears in "
+        "layer 2 and layers 11-27, peaking in layer 19 at 25,500 (51,000x the median; largest on token '<s>')."
+    )
+    from actscope.report.summary import _span
+
+    assert _span([9, 0, 1, 2, 5, 8]) == "layers 0-2, layer 5 and layers 8-9"

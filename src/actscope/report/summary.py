@@ -4,9 +4,20 @@ from __future__ import annotations
 
 
 def _span(layers: list[int]) -> str:
+    """Layers as runs of consecutive layers, e.g. ``"layer 2 and layers 11-27"``.
+
+    Not ``min-max``: a phenomenon present in layer 2 and from layer 11 on is absent in 3-10, and
+    a single range would claim it is there too."""
     if not layers:
         return "no layers"
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {min(layers)}-{max(layers)}"
+    runs: list[list[int]] = []
+    for layer in sorted(set(layers)):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    parts = [f"layer {a}" if a == b else f"layers {a}-{b}" for a, b in runs]
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
 def summarize(r: dict) -> list[str]:
@@ -18,10 +29,11 @@ def summarize(r: dict) -> list[str]:
         where = f"position {top['position']}"
         if top["position"] == 0 and top["count"] >= r.get("tokens", 0) // max(r["config"]["seq_len"], 1):
             where = "position 0 of every sequence"
+        # massive_activations is sorted by |value|, so ``top`` is where this dimension peaks
         lines.append(
-            f"Massive activation: residual dimension {top['dim']} reaches {top['value']:,.0f} "
-            f"({top['ratio_to_median']:,.0f}x the median) at {where} (largest on token {top['token']!r}), "
-            f"in {_span([m['layer'] for m in same])}."
+            f"Massive activation: residual dimension {top['dim']} at {where} appears in "
+            f"{_span([m['layer'] for m in same])}, peaking in layer {top['layer']} at {top['value']:,.0f} "
+            f"({top['ratio_to_median']:,.0f}x the median; largest on token {top['token']!r})."
         )
     else:
         lines.append("No massive activations above the thresholds.")
