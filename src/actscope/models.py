@@ -30,7 +30,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def cache_dir() -> Path:
-    """Where converted models live: ``$ACTSCOPE_CACHE`` or ``~/.cache/actscope``."""
+    """actscope's cache root: ``$ACTSCOPE_CACHE``, else ``$XDG_CACHE_HOME/actscope``, else
+    ``~/.cache/actscope``. Converted models and compiled kernels both live under it, so every
+    cache follows the same variables; read at each call, so a changed environment takes effect."""
     root = os.environ.get("ACTSCOPE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "actscope"
     )

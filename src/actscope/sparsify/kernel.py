@@ -24,14 +24,23 @@ from typing import Any
 
 import torch
 
+from ..models import cache_dir
+
 _SRC = Path(__file__).with_name("csrc") / "sparse_linear.cpp"
 _state: dict[str, Any] = {}
 
 
-def _build_dir() -> Path:
+def kernel_dir() -> Path:
+    """Where the compiled CPU kernel lives: under the same cache root as converted models
+    (``models.cache_dir``, which honours ``ACTSCOPE_CACHE`` and ``XDG_CACHE_HOME``), in a folder
+    keyed by the source and torch version so a change of either rebuilds. Creates nothing."""
     digest = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    root = Path(os.environ.get("ACTSCOPE_CACHE", Path.home() / ".cache" / "actscope"))
-    path = root / "kernels" / f"sparse_linear-{digest}"
+    return cache_dir() / "kernels" / f"sparse_linear-{digest}"
+
+
+def _build_dir() -> Path:
+    """``kernel_dir()``, created: the compiler writes into it."""
+    path = kernel_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
