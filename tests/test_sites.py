@@ -126,9 +126,17 @@ def test_globs_raw_paths_and_order():
         "hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "model.layers.1.mlp.down_proj:input",
     ]
     ids = torch.randint(3, 200, (1, 5))
-    with torch.no_grad(), actscope.trace(model, sites) as c:
-        model(input_ids=ids)
-    assert torch.equal(c["model.layers.1.mlp.down_proj:input"], c["model.layers.1.mlp.down_proj:input"])
+    mlp = model.model.layers[1].mlp
+    mlp_in: list[torch.Tensor] = []  # the MLP's input, caught by a plain torch hook, not by actscope
+    handle = mlp.register_forward_pre_hook(lambda module, args: mlp_in.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad(), actscope.trace(model, sites) as c:
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    with torch.no_grad():  # what the down projection reads, recomputed from the weights
+        want = mlp.act_fn(mlp.gate_proj(mlp_in[0])) * mlp.up_proj(mlp_in[0])
+    torch.testing.assert_close(c["model.layers.1.mlp.down_proj:input"], want)
     with torch.no_grad(), actscope.trace(model, ["blocks.1.mlp.hook_post"]) as c2:
         model(input_ids=ids)
     assert torch.equal(c["model.layers.1.mlp.down_proj:input"], c2["blocks.1.mlp.hook_post"])
