@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import actscope
+from conftest import require_peer
 from actscope.patch import _patch_hooks, patch
 from actscope.sites import SiteMap
 
@@ -118,8 +119,8 @@ def test_subject_positions_and_errors(tiny_llama):
 
 
 def test_patching_equals_nnsight(tiny_llama):
-    """Runs when the bench extra (nnsight) is installed; reports a skip otherwise."""
-    nnsight = pytest.importorskip("nnsight", reason="nnsight comes with the bench extra")
+    """The fast sweep equals a per-cell patching loop written in nnsight (the real package)."""
+    nnsight = require_peer("nnsight")
     import warnings
 
     model, tok = tiny_llama

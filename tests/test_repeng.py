@@ -1,29 +1,25 @@
 """Control vectors move between actscope and repeng through llama.cpp's GGUF format, both ways.
 
 repeng 0.4 uses ``np.float_``, removed in numpy 2 (which transformers 5 needs); the alias is
-restored for the import only. Runs where the bench extra's repeng is installed.
+restored for the import only. `make test` installs repeng without its numpy<2 pin.
 """
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import require_peer
 from actscope import SteeringVector
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("repeng") is None,
-                                reason="repeng is not installed (pip install --no-deps repeng): interop not checked")
 
 
 def _repeng():
     if not hasattr(np, "float_"):
         np.float_ = np.float64  # repeng 0.4 still names the numpy 1 alias
-    from repeng import ControlVector
-
-    return ControlVector
+    return require_peer("repeng").ControlVector
 
 
 def test_actscope_vector_reads_in_repeng(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import actscope
+from conftest import require_peer
 from actscope import SteeringVector, steering_vector
 from actscope.steer import ablate_direction
 from actscope.steer_effects import calibrate_scale, kl_steered, steering_effect
@@ -142,8 +143,8 @@ def test_bad_steering_input(tiny_llama):
 
 
 def test_mean_diff_equals_steering_vectors_package(tiny_llama):
-    """Runs when steering-vectors is installed (make bench installs it); reports a skip otherwise."""
-    sv = pytest.importorskip("steering_vectors", reason="steering-vectors comes with `make bench`")
+    """Parity with the steering-vectors package (installed by `make test`, without its transformers<5 pin)."""
+    sv = require_peer("steering_vectors")
     model, tok = tiny_llama
     ours = steering_vector(model, tok, POS, NEG, layers=[0, 1], batch_size=2)
     theirs = sv.train_steering_vector(model, tok, list(zip(POS, NEG)), layers=[0, 1], read_token_index=-1,
