@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -81,3 +82,32 @@ def default_model():
 def ids():
     torch.manual_seed(0)
     return torch.randint(3, VOCAB, (2, 9))
+
+
+_TOKENIZER_SETTINGS = ("padding_side", "truncation_side", "pad_token", "bos_token", "eos_token", "model_max_length")
+
+
+def _settings(tokenizer: Any) -> dict[str, Any]:
+    return {name: getattr(tokenizer, name, None) for name in _TOKENIZER_SETTINGS}
+
+
+@pytest.fixture(autouse=True)
+def _shared_tokenizers_unchanged(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that changes a session-scoped tokenizer's settings (e.g. ``padding_side``).
+
+    The tokenizers are shared by every test of the session, so such a change would silently alter
+    what later tests run and make results depend on test order. Only tokenizers the test already
+    requests are checked: this guard never loads a model by itself."""
+    shared = []
+    if "tiny_tokenizer" in request.fixturenames:
+        shared.append(("tiny_tokenizer", request.getfixturevalue("tiny_tokenizer")))
+    for name in ("tiny_llama", "default_model"):
+        if name in request.fixturenames:
+            shared.append((name, request.getfixturevalue(name)[1]))
+    before = [_settings(tok) for _, tok in shared]
+    yield
+    for (name, tok), was in zip(shared, before):
+        now = _settings(tok)
+        if now != was:
+            changed = {k: (was[k], now[k]) for k in was if was[k] != now[k]}
+            pytest.fail(f"the test changed the shared {name} tokenizer (was, now): {changed}", pytrace=False)

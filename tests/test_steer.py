@@ -69,8 +69,10 @@ def test_steering_adds_the_vector_at_the_layer(tiny_llama, ids):
 def test_generation_with_cache_equals_without_cache_left_padded(tiny_llama, positions):
     model, tok = tiny_llama
     vec = SteeringVector({0: torch.randn(64) * 3, 1: torch.randn(64) * 3})
-    tok.padding_side = "left"
-    enc = tok(["a short one", "a much longer prompt than the other one"], return_tensors="pt", padding=True)
+    # padding_side per call: the tokenizer is a session fixture, and setting it would left-pad later tests
+    enc = tok(["a short one", "a much longer prompt than the other one"], return_tensors="pt", padding=True,
+              padding_side="left")
+    assert enc["attention_mask"][0, 0] == 0 and tok.padding_side == "right"
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.inference_mode():
         plain = model.generate(**enc, **kw)
