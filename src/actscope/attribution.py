@@ -3,10 +3,11 @@
     res = actscope.attribution_patch(model, tok, clean, corrupted, target=" Paris", foil=" Rome")
     res.correlation     # Pearson r with real activation patching on the same grid
 
-Definition (METHODS.md): effect(site, position) ~ ``(a_clean - a_corrupt) . d metric / d a``,
-the gradient taken on the corrupted run, normalised like patching effects. The RelP paper found
-r = 0.006 between this estimate and real patching for GPT-2 Large's MLP outputs, so the real
-sweep runs by default (``check=True``) and its correlation is always reported with the estimate.
+Definition (docs/methods.md, "Intervene"): effect(site, position) ~
+``(a_clean - a_corrupt) . d metric / d a``, the gradient taken on the corrupted run, normalised
+like patching effects. The RelP paper found this estimate almost uncorrelated with real patching
+on some sites (docs/methods.md, "Intervene", attribution patching), so the real sweep runs by
+default (``check=True``) and its correlation is always reported with the estimate.
 """
 
 from __future__ import annotations

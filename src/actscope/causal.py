@@ -3,11 +3,11 @@
     res = actscope.causal_trace(model, tok, "The capital of France is", subject="France",
                                 target=" Paris", kind="resid")
 
-Definition (METHODS.md): corrupt the subject's token embeddings with Gaussian noise of
-``noise`` x the standard deviation of the embedding matrix (seeded, ``samples`` draws), then
-restore single hidden states (``kind="resid"``: ``hook_resid_post``), MLP outputs (``"mlp"``) or
-attention outputs (``"attn"``) from the clean run, optionally over a window of layers, and
-measure the target's probability. Effects are normalised as in patching:
+Definition (docs/methods.md, "Intervene"): corrupt the subject's token embeddings with
+Gaussian noise of ``noise`` x the standard deviation of the embedding matrix (seeded,
+``samples`` draws), then restore single hidden states (``kind="resid"``: ``hook_resid_post``),
+MLP outputs (``"mlp"``) or attention outputs (``"attn"``) from the clean run, optionally over a
+window of layers, and measure the target's probability. Effects are normalised as in patching:
 ``(restored - corrupted) / (clean - corrupted)``. Runs on the patching engine (patch.sweep), so
 the KV-cache reuse and batching apply here too, all noise samples in one batch.
 """

@@ -3,9 +3,9 @@
     result = actscope.patch(model, tok, "The capital of France is", "The capital of Italy is",
                             target=" Paris", foil=" Rome", sites="resid_pre")
 
-Definition (METHODS.md): run the corrupted input with one site at one position replaced by the
-clean run's value and measure a metric on the last position's logits; the normalised effect is
-``(patched - corrupted) / (clean - corrupted)``.
+Definition (docs/methods.md, "Intervene"): run the corrupted input with one site at one
+position replaced by the clean run's value and measure a metric on the last position's logits;
+the normalised effect is ``(patched - corrupted) / (clean - corrupted)``.
 
 The fast sweep exploits causality. Patching (layer l, position p) leaves every position before p
 unchanged in every layer, so the corrupted run's KV cache for positions < p is reused and only

@@ -1,4 +1,4 @@
-"""``actscope scan``: a one-pass activation atlas of a model (METHODS.md, "Measure").
+"""``actscope scan``: a one-pass activation atlas of a model (docs/methods.md, "Measure").
 
     report = actscope.scan(model, tokenizer, data=None, max_tokens=20_000)
     report.save("runs/scan")          # report.json + report.html

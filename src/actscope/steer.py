@@ -4,7 +4,7 @@
     with vec.apply(model, scale=4.0, positions="generated"):
         model.generate(...)
 
-Definitions (METHODS.md, "Intervene"): difference-in-means ``v_l = mean(h_l | positive) -
+Definitions (docs/methods.md, "Intervene"): difference-in-means ``v_l = mean(h_l | positive) -
 mean(h_l | negative)`` (CAA / ActAdd) or the first principal component of the centred paired
 differences (a unit vector, sign aligned with the mean difference, as RepE reading vectors);
 applied as ``h_l += scale * w_l * v_l`` on ``blocks.l.hook_resid_post``. Extraction streams:

@@ -1,6 +1,6 @@
 """Measuring what a steering vector does: KL-bounded strength, effect report, generations.
 
-Definitions (METHODS.md): the KL-bounded strength is the largest scale with
+Definitions (docs/methods.md, "Intervene"): the KL-bounded strength is the largest scale with
 ``KL(p_steered || p) <= epsilon`` on calibration prompts (next-token distributions at every
 real token, averaged); the effect report gives that KL, the entropy before and after, the
 mean projection of the steered layers' residual onto the vector, and before/after generations.

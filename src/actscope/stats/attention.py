@@ -1,6 +1,6 @@
 """Attention statistics: sinks, dormant heads and the extreme-token triad.
 
-Definitions (METHODS.md): for head (l, h) with pattern ``A[q, k]``,
+Definitions (docs/methods.md, "Measure"): for head (l, h) with pattern ``A[q, k]``,
 - sink score of key position j = mean of ``A[q, j]`` over the queries that can see it (q >= j);
 - mass on the first token = mean over queries q >= 1 of ``A[q, 0]`` (q = 0 is trivially 1);
 - a head is *dormant* on a sequence when that mass exceeds ``dormant_threshold`` (0.9);

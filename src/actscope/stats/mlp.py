@@ -1,6 +1,6 @@
 """MLP activation statistics for one layer: density, sparsity, dead neurons, codes, profiles.
 
-Definitions (METHODS.md, "Measure"); ``a`` is ``blocks.l.mlp.hook_post`` and a neuron is
+Definitions (docs/methods.md, "Measure"); ``a`` is ``blocks.l.mlp.hook_post`` and a neuron is
 *active* when ``|a| > tau``:
 - density at tau: mean over tokens of the active share of ``d_ff`` (exact zeros when tau = 0);
   at the primary tau over all tokens, at the other taus over the profiled sequences;

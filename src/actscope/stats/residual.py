@@ -1,6 +1,6 @@
 """Residual-stream statistics: massive activations and how much each layer is used.
 
-Massive activations (Sun et al. 2024; METHODS.md): scalar entries of ``h_l`` with
+Massive activations (Sun et al. 2024; docs/methods.md, "Measure"): scalar entries of ``h_l`` with
 ``|x| > abs_threshold`` and ``|x| > ratio_threshold * median(|h_l|)``. Candidates above the
 absolute threshold are kept per (layer, dim, position) group (largest instance, count), so
 memory is bounded by the number of distinct groups, not by tokens; the median comes from a
