@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import actscope
+from actscope.kvcache import output_cache, with_cache
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +87,43 @@ def test_causal_trace_localises_the_fact(default_model):
     subject, last = res.effect[:, 3], res.effect[:, 4]
     assert subject[:10].min() > 0.8  # early-to-middle layers: the subject's last token carries it
     assert last[24:].min() > 0.8 and subject[24:].max() < 0.2  # late layers: the last token does
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_default_model_steering_is_the_same_with_and_without_kv_cache(default_model, positions):
+    """The position tracker reads the cache under every transformers name (``cache`` from 5.24)."""
+    model, tok = default_model
+    gen = torch.Generator().manual_seed(0)
+    vec = actscope.SteeringVector({l: torch.randn(576, generator=gen) * 4 for l in (8, 12)})
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(["Python is", "The with statement in Python is used to"], return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    with torch.inference_mode():
+        plain = model.generate(**enc, **kw)
+        with vec.apply(model, 1.0, positions=positions):
+            cached = model.generate(**enc, **kw, use_cache=True)
+        with vec.apply(model, 1.0, positions=positions):
+            uncached = model.generate(**enc, **kw, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, plain)
+
+
+def test_default_model_coreinfer_keeps_its_sparsity_through_decoding(default_model):
+    """Core neurons are chosen once per prompt: decoding steps run at the target sparsity."""
+    from actscope import sparsify
+
+    model, tok = default_model
+    tokens = actscope.load_tokens(None, tok, seq_len=64, max_tokens=64 * 4)
+    config = sparsify.calibrate(model, tok, method="coreinfer", sparsity=0.5, tokens=tokens, progress=False)
+    ids = tok("The with statement is used to", return_tensors="pt").input_ids
+    with torch.inference_mode(), sparsify.apply(model, config) as handle:
+        out = model(ids, use_cache=True)  # the prompt: dense, picks the core neurons
+        handle.reset()
+        for _ in range(6):  # greedy decoding steps through the cache, counted on their own
+            out = model(out.logits[:, -1:].argmax(-1), **with_cache(output_cache(out)), use_cache=True)
+        decoded = handle.achieved()["overall"]
+    assert 0.45 < decoded < 0.55, decoded
