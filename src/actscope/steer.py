@@ -239,9 +239,9 @@ class _TopAxis:
     """Streaming first principal axis of paired differences, signed towards their mean.
 
     While there are fewer rows than dimensions (the usual case: tens of pairs, hundreds of
-    dimensions) the rows are kept and the axis comes from a thin SVD, about 20x cheaper than
-    diagonalising a ``d x d`` covariance. Past ``d`` rows they fold into a scatter matrix, so
-    memory stays bounded however many pairs stream in.
+    dimensions) the rows are kept and the axis comes from a thin SVD, far cheaper than
+    diagonalising a ``d x d`` covariance (docs/benchmarks.md, "Steering"). Past ``d`` rows they
+    fold into a scatter matrix, so memory stays bounded however many pairs stream in.
     """
 
     def __init__(self) -> None:

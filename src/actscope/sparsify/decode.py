@@ -1,22 +1,22 @@
 """Greedy decoding over a static KV cache, each step one CUDA graph replay: where sparsity pays on a GPU.
 
 HF's ``generate`` runs every decoding step as Python that launches hundreds of small kernels.
-On a GPU that, not reading the weights, sets the time: an H100 decodes SmolLM2-135M in eager
-mode at about 30 tokens/s but at about 300 with each step captured as one CUDA graph, and a
-sparse kernel can only speed up what is left once launches are gone (docs/benchmarks.md: 1.18x
-at 50% sparsity for an 8B-shaped model with graphs, 0.52-0.60x without). ``greedy_decode`` captures one step
-of the model, sparsified or not, over HF's ``StaticCache`` and replays it. On CPU, or with
-``cuda_graph=False``, it runs the same loop eagerly, which is also how it is tested to
-reproduce HF's greedy ``generate``.
+On a GPU those launches, not reading the weights, set the time of a step, and a sparse kernel
+can only speed up what is left once they are gone: without graphs, sparse decoding on a GPU is
+slower than dense (docs/sparsify.md, "Decoding fast on a GPU"; figures in docs/benchmarks.md,
+"On a GPU"). ``greedy_decode`` captures one step of the model, sparsified or not, over HF's
+``StaticCache`` and replays it. On CPU, or with ``cuda_graph=False``, it runs the same loop
+eagerly, which is also how it is tested to reproduce HF's greedy ``generate``.
 
 ``compile=True`` also runs each step through ``torch.compile``, which fuses the small operations
 between the linears (norms, rotary embeddings, residual adds). A sparsified linear is one
 operator inside that graph (``sparsify/ops.py``), so the step has no graph break. It decoded
 the same tokens as the uncompiled loop on the test model and on SmolLM2, but fused kernels may
-round differently, so exact equality is not promised. On CPU, SmolLM2 decodes about 1.25x faster
-compiled, dense and sparse alike, after about a minute of compiling (seconds once Inductor's
-cache is warm). On a GPU it has not been measured yet: there those small operations are most of
-a step once the linears are sparse. Each compiled decoder adds a variant of the step to
+round differently, so exact equality is not promised. Compiling is paid once per decoder (less
+once Inductor's cache is warm); on CPU the compiled step is faster, dense and sparse alike, so
+the sparse gain holds on top of it (docs/benchmarks.md, "Activation sparsity", compiled
+decoding). On a GPU, where those small operations are most of a step once the linears are
+sparse, it has not been measured yet. Each compiled decoder adds a variant of the step to
 ``torch._dynamo``'s cache, which holds ``torch._dynamo.config.recompile_limit`` of them (8 by
 default) before falling back to eager code; keep one decoder per configuration.
 

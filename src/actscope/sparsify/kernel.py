@@ -1,11 +1,13 @@
 """The sparse decode kernels: build, load, and a reference implementation they must equal.
 
 On CPU the kernel is C++ (``csrc/sparse_linear.cpp``), compiled once through
-``torch.utils.cpp_extension`` into ``~/.cache/actscope/kernels`` (``make install`` runs ``python -m actscope.sparsify.build``, so a
-fresh machine pays the ~1 min compile at install, not at the first decode). If it cannot be built
-(no compiler, no ninja), we warn once and fall back to the masked dense computation, which gives
-the same numbers without the speed. On CUDA the Triton kernel in ``triton_kernel.py`` is used
-(tested in Triton's interpreter; if it fails on a real GPU, the same fallback applies).
+``torch.utils.cpp_extension`` into ``~/.cache/actscope/kernels`` (``make install`` runs
+``python -m actscope.sparsify.build``, so a fresh machine pays the compile at install, not at the
+first decode). If it cannot be built (no compiler, no ninja), we warn once and fall back to the
+masked dense computation, which gives the same numbers without the speed. On CUDA the Triton
+kernel in ``triton_kernel.py`` is used. It is tested on an H100 and, wherever Triton is
+installed, in Triton's CPU interpreter (docs/sparsify.md, "The kernels"); if it fails to compile
+or launch on some other GPU or Triton version, the same fallback applies.
 
 Contract, shared by every implementation (``x [rows, in]``, ``wt [in, out]`` the transposed weight)::
 
@@ -123,7 +125,7 @@ def sparse_linear(
     if x.is_cuda and (gpu := gpu_kernel()) is not None:
         try:
             return gpu.sparse_linear(x, wt, bias, thresh, scale if scale is not None else empty, counter)
-        except Exception as exc:  # not yet run on a real GPU: never let it break a user's run
+        except Exception as exc:  # an untested GPU or Triton version must never break a user's run
             warnings.warn(f"actscope: the Triton kernel failed ({type(exc).__name__}: {str(exc)[:300]}); "
                           "using masked dense matmuls from now on", RuntimeWarning, stacklevel=2)
             _state["gpu"] = None

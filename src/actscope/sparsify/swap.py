@@ -27,12 +27,12 @@ from .config import SparsityConfig
 from .layout import layer_modules
 
 KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kernel beats a dense matmul
-# On a GPU (H100, bench/sparsify_gpu.py), one row always takes the Triton kernel: against the
-# masked dense path (five small kernels around cuBLAS) it decodes SmolLM2 at 0.80x of dense
-# instead of 0.46x, and Llama-8B-shaped MLP weights at 50% sparsity 1.44-1.52x faster than cuBLAS.
-# For 2-16 rows the union of kept inputs is nearly everything and the kernel's tensor-core path
-# loses to cuBLAS on big weights (0.54-0.96x), so those use the masked dense path; small weights,
-# where launches dominate, keep the kernel.
+# On a GPU, one row always takes the Triton kernel: on small weights its one launch beats the
+# masked dense path (five small kernels around cuBLAS), and on large MLP weights at useful
+# sparsity it beats cuBLAS itself. For 2-16 rows the union of kept inputs is nearly everything
+# and the kernel's tensor-core path loses to cuBLAS on big weights, so those use the masked
+# dense path; small weights, where launches dominate, keep the kernel. The rule:
+# docs/sparsify.md, "The kernels"; the measurements behind it: docs/benchmarks.md, "On a GPU".
 GPU_KERNEL_MIN_BYTES = 4 << 20
 
 

@@ -3,8 +3,8 @@
 Any safetensors reader opens our shards. We write the format ourselves (8-byte header length,
 JSON header, raw data) so that a tensor can be streamed from many batch-sized chunks without
 first concatenating them, and so that each tensor's checksum sits in the header metadata: a
-reader can verify exactly the tensors it touches. The checksum is XXH3-64: about ten times
-faster than CRC32, which matters because the writer shares the CPU with the model.
+reader can verify exactly the tensors it touches. The checksum is XXH3-64, much faster than
+CRC32, which matters because the writer shares the CPU with the model.
 """
 
 from __future__ import annotations
