@@ -51,6 +51,7 @@ class PatchResult:
     patched: torch.Tensor  # raw metric per cell
     clean: float
     corrupted: float
+    foil: str | None = None  # logit_diff's foil token, given or chosen (the corrupted run's top token)
 
     def to_dict(self) -> dict:
         return {
@@ -269,7 +270,8 @@ def patch(
     """Patch every (site, position) cell; see the module docstring. ``alignment`` maps corrupted
     positions to clean positions when the prompts differ in length. ``heads`` patches per-head
     sites (e.g. ``blocks.*.attn.hook_z``) one head at a time: rows become ``site[head h]``.
-    ``metric="kl"`` measures ``-KL(p_clean || p)`` at the last position (0 for the clean run)."""
+    ``metric="kl"`` measures ``-KL(p_clean || p)`` at the last position (0 for the clean run).
+    ``foil`` (for ``logit_diff``) defaults to the corrupted run's top next token."""
     site_map = SiteMap(model)
     resolved = _resolve(site_map, sites)
     if heads is not None:
@@ -290,13 +292,18 @@ def patch(
     with torch.inference_mode(), trace(model, resolved) as cache:
         clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
     values = {s.name: cache[s.name][0] for s in resolved}
+    if metric == "logit_diff" and foil is None and target is not None:  # the corrupted run's answer
+        with torch.inference_mode():
+            foil = int(model(input_ids=corrupt_ids, use_cache=False).logits[0, -1].argmax())
     measure = make_metric(tokenizer, metric, target, foil, clean_logits)
     cells = [[s] for s in resolved] if heads is None else [[(s, h)] for s in resolved for h in heads]
     patched, m_corrupt = sweep(model, corrupt_ids, cells, values, alignment, positions, measure, method=method)
     m_clean = float(measure(clean_logits)[0])
     tokens = [tokenizer.decode([int(t)]) for t in corrupt_ids[0, positions].tolist()]
     names = [s.name for s in resolved] if heads is None else [f"{s.name}[head {h}]" for s in resolved for h in heads]
-    return PatchResult(names, list(positions), tokens, normalised(patched, m_clean, m_corrupt), patched, m_clean, m_corrupt)
+    foil_text = (tokenizer.decode([foil]) if isinstance(foil, int) else foil) if metric == "logit_diff" else None
+    return PatchResult(names, list(positions), tokens, normalised(patched, m_clean, m_corrupt), patched, m_clean,
+                       m_corrupt, foil_text)
 
 
 def normalised(patched: torch.Tensor, clean: float, corrupted: float) -> torch.Tensor:
