@@ -1,72 +1,78 @@
 """The ``actscope`` command line: a thin layer over the Python API.
 
-Bad input (an ``ActscopeError``) is printed as one line on stderr with exit status 2.
+Bad input (an ``ActscopeError``) is printed as one line on stderr with exit status 2. The options
+that several commands share (``--model``, ``--data``, ``--out``, ...) are defined once, in
+``cli_options``; ``-p`` is always ``--prompt``, and list options are repeated.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Annotated, List, Optional
 
 import typer
 
+from .cli_options import (BatchSize, Data, Device, MaxTokens, Model, Out, Prompt, SeqLen, TextField, deprecated,
+                          device_name, split_list)
 from .errors import ActscopeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
-ModelOpt = typer.Option("default", "--model", "-m", help='"default", an HF id, a local dir or a .gguf file')
-DataOpt = typer.Option(None, "--data", "-d", help="text/JSONL/Parquet file or hf:NAME; default: Python's manual")
-
-
-def _device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    local_rank = os.environ.get("LOCAL_RANK")
-    if device == "cuda" and local_rank is not None:  # one GPU per torchrun rank
-        device = f"cuda:{local_rank}"
-    return device
-
 
 @app.command()
 def sites(
-    model: str = typer.Argument("default", help='"default", an HF id, a local dir or a .gguf file'),
-    pattern: Optional[List[str]] = typer.Option(None, "--pattern", "-p", help="only sites matching these"),
-    seq_len: int = typer.Option(4, help="sequence length used to report shapes"),
+    model: Model = "default",
+    pattern: Annotated[Optional[List[str]], typer.Option(
+        "--pattern", help="only sites matching this name or glob; repeat for several")] = None,
+    seq_len: SeqLen = 4,
+    device: Device = "cpu",
+    model_arg: Annotated[Optional[str], typer.Argument(
+        hidden=True, show_default=False, help="deprecated: use --model")] = None,
+    old_pattern: Annotated[Optional[List[str]], typer.Option(
+        "-p", hidden=True, help="deprecated: use --pattern (-p means --prompt)")] = None,
 ) -> None:
-    """Print every activation site of MODEL, one per line, with its shape."""
+    """Print every activation site of the model, one per line, with its shape on a [1, --seq-len] input."""
     from .inspect import site_shapes
     from .models import load_model
 
-    m, _ = load_model(model)
-    for name, shape in site_shapes(m, pattern or ["**"], seq_len=seq_len).items():
+    if model_arg is not None:
+        if model != "default":
+            raise ActscopeError(f"two models given: {model_arg!r} and --model {model!r}; use --model only")
+        deprecated("`actscope sites MODEL`", "`actscope sites --model MODEL`")
+        model = model_arg
+    if old_pattern:
+        deprecated("`actscope sites -p PATTERN`", "--pattern PATTERN (-p means --prompt)")
+    m, _ = load_model(model, device=device_name(device))
+    for name, shape in site_shapes(m, [*(pattern or []), *(old_pattern or [])] or ["**"], seq_len=seq_len).items():
         typer.echo(f"{name}\t{list(shape)}")
 
 
 @app.command()
 def record(
-    out: str = typer.Option(..., "--out", "-o", help="store folder (local path or fsspec URL)"),
-    sites: List[str] = typer.Option(..., "--sites", "-s", help="site names, globs or module paths"),
-    model: str = ModelOpt,
-    data: Optional[str] = DataOpt,
-    seq_len: int = typer.Option(128, "--seq-len", help="tokens per sequence"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many tokens"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or float16"),
-    batch_size: int = typer.Option(8, "--batch-size", help="sequences per forward pass"),
-    shard_mb: float = typer.Option(64, "--shard-mb", help="target shard size in MiB (at least one batch)"),
-    text_field: str = typer.Option("text", "--text-field", help="JSONL/Parquet text field"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a store recorded differently"),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
+    out: Out,
+    sites: Annotated[List[str], typer.Option(
+        "--sites", "-s", help="a site name, glob or module path; repeat for several")],
+    model: Model = "default",
+    data: Data = None,
+    seq_len: SeqLen = 128,
+    max_tokens: MaxTokens = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")] = "bfloat16",
+    batch_size: BatchSize = 8,
+    shard_mb: Annotated[float, typer.Option(
+        "--shard-mb", help="target shard size in MiB (at least one batch)")] = 64,
+    text_field: TextField = "text",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store recorded differently")] = False,
+    device: Device = "auto",
 ) -> None:
-    """Stream a corpus through MODEL and write the chosen sites into a store; re-run to resume."""
+    """Stream a corpus through the model and write the chosen sites into the store at --out; re-run to resume."""
     from .models import load_model, parse_dtype
     from .record import record as run_record
 
     parse_dtype(dtype)  # fail on a bad dtype before loading anything
-    m, tok = load_model(model, device=_device(device))
+    m, tok = load_model(model, device=device_name(device))
     store = run_record(
         m, tok, out, sites, data,
         seq_len=seq_len, max_tokens=max_tokens, dtype=dtype, batch_size=batch_size,
@@ -78,23 +84,27 @@ def record(
 
 @app.command()
 def scan(
-    model: str = ModelOpt,
-    data: Optional[str] = DataOpt,
-    compare_data: Optional[str] = typer.Option(None, "--compare-data", help="a second corpus to compare with"),
-    out: str = typer.Option("runs/scan", "--out", "-o", help="folder for report.json and report.html"),
-    seq_len: int = typer.Option(128, "--seq-len"),
-    max_tokens: Optional[int] = typer.Option(20_000, "--max-tokens"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    patterns: bool = typer.Option(True, "--patterns/--no-patterns", help="attention sinks need eager attention"),
-    tau: Optional[float] = typer.Option(None, "--tau", help="activity threshold |a| > tau (default: 0 for ReLU, else 0.01)"),
-    text_field: str = typer.Option("text", "--text-field"),
-    device: str = typer.Option("auto", "--device"),
+    model: Model = "default",
+    data: Data = None,
+    compare_data: Annotated[Optional[str], typer.Option(
+        "--compare-data", help="a second corpus to compare with (active-dormant heads)")] = None,
+    out: Out = "runs/scan",
+    seq_len: SeqLen = 128,
+    max_tokens: MaxTokens = 20_000,
+    batch_size: BatchSize = 8,
+    patterns: Annotated[bool, typer.Option(
+        "--patterns/--no-patterns", help="attention patterns and sinks (they need eager attention)")] = True,
+    tau: Annotated[Optional[float], typer.Option(
+        "--tau", help="activity threshold |a| > tau (default: 0 for ReLU, else 0.01)")] = None,
+    text_field: TextField = "text",
+    device: Device = "auto",
 ) -> None:
-    """One streaming pass over a corpus: sparsity, massive activations, sinks, layer use -> JSON + HTML."""
+    """One streaming pass over a corpus: sparsity, massive activations, sinks, layer use -> report.json and
+    report.html in --out."""
     from .models import load_model
     from .scan import scan as run_scan
 
-    m, tok = load_model(model, device=_device(device))
+    m, tok = load_model(model, device=device_name(device))
     report = run_scan(
         m, tok, data, compare_data=compare_data, seq_len=seq_len, max_tokens=max_tokens,
         batch_size=batch_size, patterns=patterns, tau=tau, text_field=text_field,
@@ -106,18 +116,17 @@ def scan(
     typer.echo(f"json:   {(page.parent / 'report.json').resolve()}")
 
 
-def _layers(spec: Optional[str]) -> Optional[list[int]]:
-    """"8-20" or "3,5,7" -> layer indices; None -> all layers."""
-    if not spec:
-        return None
+def _layers(specs: Optional[List[str]]) -> Optional[list[int]]:
+    """["8-20"], ["3,5,7"] or ["3", "5-7"] -> layer indices; none -> all layers."""
     out: list[int] = []
-    try:
-        for part in spec.split(","):
+    for part in split_list(specs):
+        try:
             a, _, b = part.partition("-")
             out += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError:
-        raise ActscopeError(f"--layers {spec!r}: use a range like 8-20 or a list like 3,5,7") from None
-    return out
+        except ValueError:
+            raise ActscopeError(f"--layers {part!r}: use a range like 8-20 or a layer like 5 (repeat --layers "
+                                "for several)") from None
+    return out or None
 
 
 def _prompts(path: str) -> list[str]:
@@ -130,19 +139,23 @@ def _prompts(path: str) -> list[str]:
 
 @app.command()
 def steer(
-    positive: str = typer.Option(..., "--positive", help="prompts, one per line (or JSONL)"),
-    negative: str = typer.Option(..., "--negative", help="contrasting prompts, paired with --positive"),
-    out: str = typer.Option(..., "--out", "-o", help="a .gguf control vector, or a folder (safetensors + JSON)"),
-    model: str = ModelOpt,
-    layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 8-20 (default: all)"),
-    method: str = typer.Option("mean_diff", "--method", help="mean_diff or pca"),
-    position: str = typer.Option("last", "--position", help="last or mean"),
+    positive: Annotated[str, typer.Option("--positive", help="a file of prompts, one per line (or JSONL)")],
+    negative: Annotated[str, typer.Option(
+        "--negative", help="a file of contrasting prompts, paired with --positive")],
+    out: Out,
+    model: Model = "default",
+    layers: Annotated[Optional[List[str]], typer.Option(
+        "--layers", help="a layer or a range like 8-20; repeat for several (default: all)")] = None,
+    method: Annotated[str, typer.Option("--method", help="mean_diff or pca")] = "mean_diff",
+    position: Annotated[str, typer.Option("--position", help="last or mean")] = "last",
+    device: Device = "auto",
 ) -> None:
-    """Compute a steering vector from contrastive prompts."""
+    """Compute a steering vector from contrastive prompts; --out is a .gguf control vector, or a folder
+    (safetensors + JSON)."""
     from .models import load_model
     from .steer import steering_vector
 
-    m, tok = load_model(model)
+    m, tok = load_model(model, device=device_name(device))
     vec = steering_vector(m, tok, _prompts(positive), _prompts(negative), _layers(layers), method, position)
     path = vec.to_gguf(out) if out.endswith(".gguf") else vec.save_pretrained(out)
     norms = ", ".join(f"{l}:{float(vec.directions[l].norm()):.3g}" for l in vec.layers)
@@ -151,37 +164,43 @@ def steer(
 
 @app.command()
 def generate(
-    prompt: str = typer.Option(..., "--prompt", "-p"),
-    model: str = ModelOpt,
-    steer_path: Optional[str] = typer.Option(None, "--steer", help="a .gguf or saved steering vector"),
-    scale: float = typer.Option(1.0, "--scale"),
-    positions: str = typer.Option("all", "--positions", help="all, prompt or generated"),
-    max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
-    compare: bool = typer.Option(False, "--compare", help="also print the unsteered (or dense) continuation"),
-    sparsity_path: Optional[str] = typer.Option(None, "--sparsity", help="a folder from `actscope sparsify calibrate`"),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
-    static_cache: Optional[bool] = typer.Option(
-        None, "--static-cache/--no-static-cache",
+    prompt: Prompt,
+    model: Model = "default",
+    steer_path: Annotated[Optional[str], typer.Option("--steer", help="a .gguf or saved steering vector")] = None,
+    scale: Annotated[float, typer.Option("--scale", help="multiplies the steering vector")] = 1.0,
+    positions: Annotated[str, typer.Option(
+        "--positions", help="where to steer: all, prompt or generated")] = "all",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 40,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="also print the unsteered (or dense) continuation")] = False,
+    sparsity_config: Annotated[Optional[str], typer.Option(
+        "--sparsity-config", help="decode sparsely: a folder from `actscope sparsify calibrate`")] = None,
+    device: Device = "auto",
+    static_cache: Annotated[Optional[bool], typer.Option(
+        "--static-cache/--no-static-cache",
         help="decode over a static KV cache, one CUDA graph per step on a GPU (default: on for sparse decoding on "
-        "CUDA, where HF's generate is launch-bound and would hide the sparse kernel's gain)"),
-    compile_step: bool = typer.Option(
-        False, "--compile", help="torch.compile the decoding step (implies --static-cache; compiling takes about "
-        "a minute, then decoding is about 1.25x faster on CPU)"),
+        "CUDA, where HF's generate is launch-bound and would hide the sparse kernel's gain)")] = None,
+    compile_step: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the decoding step (implies --static-cache; compiling takes about "
+        "a minute, then decoding is about 1.25x faster on CPU)")] = False,
+    old_sparsity: Annotated[Optional[str], typer.Option(
+        "--sparsity", hidden=True, help="deprecated: use --sparsity-config DIR")] = None,
 ) -> None:
     """Greedy generation, optionally steered and/or with activation sparsity."""
     import time
     from contextlib import ExitStack
 
-    from .errors import ActscopeError
     from .models import load_model
     from .sparsify import SparsityConfig, greedy_decode
     from .sparsify import apply as apply_sparsity
     from .steer import SteeringVector
     from .steer_effects import generate as run_generate
 
-    m, tok = load_model(model, device=_device(device))
+    if old_sparsity is not None:
+        sparsity_config = _old_sparsity(old_sparsity, sparsity_config)
+    m, tok = load_model(model, device=device_name(device))
     vec = SteeringVector.from_pretrained(steer_path) if steer_path else None
-    config = SparsityConfig.from_pretrained(sparsity_path) if sparsity_path else None
+    config = SparsityConfig.from_pretrained(sparsity_config) if sparsity_config else None
     stateful = vec is not None or (config is not None and config.method == "coreinfer")
     if static_cache is None:
         static_cache = compile_step or (config is not None and not stateful and m.device.type == "cuda")
@@ -215,55 +234,72 @@ def generate(
                    f"{max_new_tokens / seconds:.1f} tok/s{', compiling included' if compile_step else ''}]", err=True)
 
 
+def _old_sparsity(value: str, sparsity_config: Optional[str]) -> str:
+    """``generate --sparsity DIR``, the old spelling of ``--sparsity-config DIR``."""
+    if sparsity_config is not None:
+        raise ActscopeError("--sparsity and --sparsity-config both given; use --sparsity-config DIR only")
+    try:
+        float(value)
+        is_number = not Path(value).exists()
+    except ValueError:
+        is_number = False
+    if is_number:
+        raise ActscopeError(f"generate --sparsity {value}: generate decodes with calibrated thresholds; calibrate "
+                            "them with `actscope sparsify calibrate --sparsity "
+                            f"{value} --out DIR`, then pass --sparsity-config DIR")
+    deprecated("`generate --sparsity DIR`", "--sparsity-config DIR (--sparsity is always a number)")
+    return value
+
+
 @app.command()
 def patch(
-    clean: str = typer.Option(..., "--clean", help="the clean prompt"),
-    corrupted: str = typer.Option(..., "--corrupted", help="the corrupted prompt (same length in tokens)"),
-    target: str = typer.Option(..., "--target", help="the clean answer token, e.g. ' Paris'"),
-    foil: Optional[str] = typer.Option(None, "--foil", help="the corrupted answer (logit difference); default: the corrupted run's top token"),
-    out: str = typer.Option("runs/patch", "--out", "-o"),
-    model: str = ModelOpt,
-    sites: List[str] = typer.Option(["resid_pre"], "--sites", help="resid_pre, resid_post, attn_out, mlp_out or site names"),
-    metric: str = typer.Option("logit_diff", "--metric", help="logit_diff or prob"),
+    clean: Annotated[str, typer.Option("--clean", help="the clean prompt")],
+    corrupted: Annotated[str, typer.Option(
+        "--corrupted", help="the corrupted prompt (same length in tokens)")],
+    target: Annotated[str, typer.Option("--target", help="the clean answer token, e.g. ' Paris'")],
+    foil: Annotated[Optional[str], typer.Option(
+        "--foil", help="the corrupted answer (logit difference); default: the corrupted run's top token")] = None,
+    out: Out = "runs/patch",
+    model: Model = "default",
+    sites: Annotated[List[str], typer.Option(
+        "--sites", help="resid_pre, resid_post, attn_out, mlp_out or a site name; repeat for several")] = ["resid_pre"],
+    metric: Annotated[str, typer.Option("--metric", help="logit_diff or prob")] = "logit_diff",
+    device: Device = "auto",
 ) -> None:
-    """Activation patching over every (site, position): writes effects.json and effects.png."""
-    import torch
-
+    """Activation patching over every (site, position): writes effects.json and effects.png to --out."""
     from .models import load_model
     from .patch import patch as run_patch
 
-    m, tok = load_model(model)
-    if metric == "logit_diff" and foil is None:
-        ids = tok(corrupted, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            foil_id = int(m(input_ids=ids).logits[0, -1].argmax())
-        foil = tok.decode([foil_id])
+    m, tok = load_model(model, device=device_name(device))
     res = run_patch(m, tok, clean, corrupted, sites=sites if len(sites) > 1 else sites[0],
                     metric=metric, target=target, foil=foil)
     folder = res.save(out)
     best = divmod(int(res.effect.nan_to_num(0).abs().argmax()), len(res.positions))
-    typer.echo(f"metric clean {res.clean:.3f}, corrupted {res.corrupted:.3f} (foil {foil!r}); "
+    typer.echo(f"metric clean {res.clean:.3f}, corrupted {res.corrupted:.3f} (foil {res.foil!r}); "
                f"largest effect {float(res.effect[best]):.2f} at {res.sites[best[0]]}, position {res.positions[best[1]]} "
                f"({res.tokens[best[1]]!r})")
     typer.echo(f"effects: {(folder / 'effects.json').resolve()}  heatmap: {(folder / 'effects.png').resolve()}")
 
 
-@app.command("trace")
-def trace_cmd(
-    prompt: str = typer.Option(..., "--prompt", "-p"),
-    subject: str = typer.Option(..., "--subject", help="the words whose embeddings get noised"),
-    target: str = typer.Option(..., "--target", help="the answer token, e.g. ' Paris'"),
-    out: str = typer.Option("runs/trace", "--out", "-o"),
-    model: str = ModelOpt,
-    kind: str = typer.Option("resid", "--kind", help="resid, mlp or attn"),
-    window: int = typer.Option(1, "--window", help="restore this many neighbouring layers together"),
-    samples: int = typer.Option(10, "--samples", help="noise draws averaged"),
+@app.command("causal-trace")
+def causal_trace_cmd(
+    prompt: Prompt,
+    subject: Annotated[str, typer.Option("--subject", help="the words whose embeddings get noised")],
+    target: Annotated[str, typer.Option("--target", help="the answer token, e.g. ' Paris'")],
+    out: Out = "runs/trace",
+    model: Model = "default",
+    kind: Annotated[str, typer.Option("--kind", help="what is restored: resid, mlp or attn")] = "resid",
+    window: Annotated[int, typer.Option(
+        "--window", help="restore this many neighbouring layers together")] = 1,
+    samples: Annotated[int, typer.Option("--samples", help="noise draws averaged")] = 10,
+    device: Device = "auto",
 ) -> None:
-    """Causal tracing: noise the subject, restore each (layer, position), measure the target's probability."""
+    """Causal tracing (ROME style): noise the subject, restore each (layer, position), measure the target's
+    probability; writes effects.json and effects.png to --out."""
     from .causal import causal_trace
     from .models import load_model
 
-    m, tok = load_model(model)
+    m, tok = load_model(model, device=device_name(device))
     res = causal_trace(m, tok, prompt, subject, target, kind=kind, window=window, samples=samples)
     folder = res.save(out)
     typer.echo(f"p(target): clean {res.clean:.3f}, subject noised {res.corrupted:.3f}")
@@ -271,6 +307,13 @@ def trace_cmd(
         col = res.effect[:, j]
         typer.echo(f"  position {p:2d} {t!r:>12}: strongest restore {float(col.max()):.2f} at layer {int(col.argmax())}")
     typer.echo(f"effects: {(folder / 'effects.json').resolve()}  heatmap: {(folder / 'effects.png').resolve()}")
+
+
+@app.command("trace", hidden=True)
+@functools.wraps(causal_trace_cmd)
+def trace_alias(*args, **kwargs) -> None:  # the old name, which clashed with the Python recorder actscope.trace
+    deprecated("`actscope trace`", "`actscope causal-trace`")
+    causal_trace_cmd(*args, **kwargs)
 
 
 from .cli_sparsify import sparsify_app  # noqa: E402  (sub-commands live in their own module)
