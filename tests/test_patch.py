@@ -9,7 +9,7 @@ import torch
 
 import actscope
 from conftest import require_peer
-from actscope.patch import _patch_hooks, patch
+from actscope.patch import _patch_hooks, make_metric, patch
 from actscope.sites import SiteMap
 
 CLEAN = "the value of the list"
@@ -64,8 +64,9 @@ def test_alignment_lengths_and_outputs(tiny_llama, tmp_path):
     data = json.loads((tmp_path / "effects.json").read_text())
     assert set(data) >= {"sites", "positions", "tokens", "effect"} and len(data["effect"]) == 2
     assert (tmp_path / "effects.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(actscope.ActscopeError, match="needs a foil"):
-        patch(model, tok, CLEAN, CORRUPT, target=" mat")
+    with pytest.raises(actscope.ActscopeError, match="needs a foil"):  # the metric itself still needs one
+        make_metric(tok, "logit_diff", " mat", None)
+    assert patch(model, tok, CLEAN, CORRUPT, target=" mat").foil  # patch() picks the corrupted run's top token
     with pytest.raises(actscope.ActscopeError, match="attention patterns cannot be patched"):
         patch(model, tok, CLEAN, CORRUPT, sites=["blocks.0.attn.hook_pattern"], metric=_metric)
     with pytest.raises(actscope.ActscopeError, match="heads= needs per-head sites"):
