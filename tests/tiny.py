@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 VOCAB = 256
 FAMILIES = [
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
-    "gpt2", "gpt_neox", "olmo", "olmo2", "bert",
+    "gpt2", "gpt_neox", "olmo", "olmo2", "bert", "smollm3",
 ]
 
 
@@ -18,8 +18,10 @@ def tiny_config(family: str, **overrides):
         intermediate_size=96, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
         pad_token_id=0,
     )
-    if family in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2"}:
+    if family in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2", "smollm3"}:
         common["num_key_value_heads"] = 2  # exercise grouped-query attention
+    if family == "smollm3":
+        common["no_rope_layer_interval"] = 2  # layer 1 skips RoPE (NoPE), as every 4th layer does in SmolLM3
     if family in {"gemma", "gemma2", "qwen3"}:
         common["head_dim"] = 16
     if family == "gpt2":

@@ -15,6 +15,7 @@ from .scan import ScanConfig, scan
 from .subspace import subspace_patch
 from .steer import SteeringVector, ablate_direction, steer, steering_vector
 from .experts import route_experts
+from .families import Family, register_family
 from .sites import Site, SiteMap, resolve_sites
 from .store.reader import ActivationStore, open_store
 from .trace import ActivationCache, trace
@@ -44,6 +45,7 @@ __all__ = [
     "attribution_patch",
     "causal_trace",
     "DataError",
+    "Family",
     "ModelLoadError",
     "Site",
     "SiteError",
@@ -51,6 +53,7 @@ __all__ = [
     "SiteNotFiredError",
     "StoreError",
     "load_model",
+    "register_family",
     "resolve_sites",
     "route_experts",
     "trace",

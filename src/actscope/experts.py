@@ -1,9 +1,9 @@
 """Disable or force routed experts in mixture-of-experts models, without editing the model.
 
-Supported routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE in transformers 5) all return
-``(router_logits, top_k_weights, top_k_index)`` from softmax-then-top-k routing. A forward hook
-re-selects the top k from the router's own probabilities with some experts excluded (disabled)
-or always included (forced):
+Supported routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE in transformers 5; any family in
+families.py with a ``router``) all return ``(router_logits, top_k_weights, top_k_index)`` from
+softmax-then-top-k routing. A forward hook re-selects the top k from the router's own
+probabilities with some experts excluded (disabled) or always included (forced):
 
 - a disabled expert is never selected; the next-best expert takes its slot;
 - a forced expert always takes a slot; the remaining slots go to the best other experts;
@@ -24,11 +24,8 @@ import torch
 from torch import nn
 
 from .errors import ActscopeError
+from .families import FAMILIES, family_of
 from .sites import SiteMap
-
-ROUTER = "mlp.gate"  # the router, relative to a decoder layer, in every supported family
-ALWAYS_NORMALISE = {"mixtral"}
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 ExpertSpec = Mapping[int, Sequence[int]] | Sequence[int] | None
 
@@ -64,17 +61,21 @@ def route_experts(model: nn.Module, *, disable: ExpertSpec = None, force: Expert
     ``disable={3: [0, 5]}`` disables experts 0 and 5 in layer 3; ``disable=[0]`` in every layer.
     """
     model_type = getattr(model.config, "model_type", "")
-    if model_type not in SUPPORTED:
-        raise ActscopeError(f"expert routing edits support {', '.join(SUPPORTED)}; this model is {model_type!r}")
+    family = family_of(model)
+    spec = family.router if family is not None else None  # where the router sits, and how it normalises
+    if spec is None:
+        supported = sorted(t for t, f in FAMILIES.items() if f.router is not None)
+        raise ActscopeError(f"expert routing edits support {', '.join(supported)}; this model is {model_type!r}")
     sm = SiteMap(model)
     off, on = _per_layer(disable, sm.n_layers), _per_layer(force, sm.n_layers)
-    normalise = model_type in ALWAYS_NORMALISE or bool(getattr(model.config, "norm_topk_prob", False))
+    flag = spec.normalise  # True: always renormalise; a str: the config flag that decides
+    normalise = flag if isinstance(flag, bool) else bool(getattr(model.config, flag, False))
     handles = []
     try:
         for layer in sorted(set(off) | set(on)):
             if not 0 <= layer < sm.n_layers:
                 raise ActscopeError(f"layer {layer} does not exist (the model has {sm.n_layers})")
-            path = f"{sm.layers_path}.{layer}.{ROUTER}"
+            path = f"{sm.layers_path}.{layer}.{spec.module}"
             try:
                 router = model.get_submodule(path)
             except AttributeError:

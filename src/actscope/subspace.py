@@ -10,8 +10,10 @@ The paper shows such a patch can succeed through an *illusion*: the direction mi
 the downstream weights never read (their null space) with a dormant one that patching
 activates. So every result carries ``null_fraction``: for each direction, the share of its
 squared norm in the null space of the weights that read the site next (the down projection for
-``mlp.hook_post``; the next layer's query, key, value and MLP input projections for residual
-sites). A large share is a warning that the effect may not be carried by the direction itself.
+``mlp.hook_post``; for residual sites, the next layer's maps that read the residual stream, as
+the family's ``readers`` in families.py list them: query, key, value and MLP input projections,
+a MoE router and its experts; never an output projection, which reads the heads' z). A large
+share is a warning that the effect may not be carried by the direction itself.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ActscopeError
+from .families import family_of, linear_weight, reader_weight
 from .intervene import edits
 from .patch import Metric, make_metric, normalised
 from .sites import Site, SiteMap
@@ -29,25 +32,29 @@ from .trace import trace
 
 def _readers(model: Any, site: Site, sm: SiteMap) -> torch.Tensor:
     """Rows = the linear maps that read ``site`` next, as one ``[outputs, d]`` matrix."""
-    modules = dict(model.named_modules())
-    if site.name.endswith("mlp.hook_post"):
-        down = modules[site.module_path]  # the down projection reads hook_post
-        w = down.weight.detach().float()
-        return w if w.shape[1] != getattr(down, "nx", -1) else w.T  # GPT-2 Conv1D stores [in, out]
+    if site.name.endswith("mlp.hook_post"):  # the down projection reads hook_post (Conv1D in GPT-2)
+        return linear_weight(model.get_submodule(site.module_path)).detach().float()
     if site.layer is None or "resid" not in site.name:
         raise ActscopeError(f"the null-space check knows mlp.hook_post and residual sites, not {site.name}")
     nxt = site.layer + (0 if site.name.endswith("resid_pre") else 1)
     if nxt >= sm.n_layers:
         raise ActscopeError(f"{site.name} is read by the unembedding only; patch an earlier site")
-    base = f"{sm.layers_path}.{nxt}"
+    family = family_of(model)
+    if family is None or not family.readers:
+        raise ActscopeError(f"the family table lists no residual readers for model type {sm.model_type!r}; "
+                            "give its family `readers` with actscope.register_family")
+    d = model.config.hidden_size
     mats = []
-    for name, mod in modules.items():
-        if name.startswith(base + ".") and isinstance(mod, torch.nn.Linear):
-            w = mod.weight.detach().float()
-            if w.shape[1] == model.config.hidden_size and not name.endswith(("o_proj", "down_proj", "dense_4h_to_h")):
-                mats.append(w)
+    for path in family.readers:
+        w = reader_weight(model, f"{sm.layers_path}.{nxt}.{path}")
+        if w is None:  # a variant without it: a dense layer in a MoE model, no shared expert
+            continue
+        if w.shape[1] != d:
+            raise ActscopeError(f"reader {path} reads {w.shape[1]} dims, not the residual's {d}: "
+                                "fix the family's `readers`")
+        mats.append(w.float())
     if not mats:
-        raise ActscopeError(f"no linear reader of width {model.config.hidden_size} found in layer {nxt}")
+        raise ActscopeError(f"none of the family's residual readers ({', '.join(family.readers)}) is in layer {nxt}")
     return torch.cat(mats)
 
 
