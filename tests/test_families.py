@@ -12,8 +12,8 @@ from transformers.pytorch_utils import Conv1D
 
 import actscope
 from actscope import ActscopeError, SiteMap, register_family, route_experts
-from actscope.families import FAMILIES, LLAMA, MIXTRAL, Linears
-from actscope.sparsify import apply, calibrate
+from actscope.families import FAMILIES, LLAMA, MIXTRAL, Linears, linear_weight
+from actscope.sparsify import SparseLinear, apply, calibrate
 from actscope.sparsify.layout import layer_modules
 from actscope.subspace import _readers, null_fraction
 
@@ -113,6 +113,47 @@ def test_gpt2_residual_readers_are_its_conv1d_layers_read_the_right_way_round(ti
     post = actscope.subspace_patch(model, tiny_tokenizer, CLEAN, CORRUPT, "blocks.0.mlp.hook_post",
                                    torch.randn(256, 2, generator=torch.Generator().manual_seed(0)), metric=_metric)
     assert all(0.5 < f < 0.95 for f in post["null_fraction"])
+
+
+def test_gpt2_sparse_linear_equals_conv1d_on_the_kept_inputs():
+    conv = tiny_model("gpt2").transformer.h[0].mlp.c_fc  # Conv1D(nf=256, nx=64)
+    assert torch.equal(linear_weight(conv), conv.weight.T)
+    sparse = SparseLinear(conv, torch.tensor([0.5]))
+    assert (sparse.in_features, sparse.out_features) == (64, 256) and sparse.weight is conv.weight
+    for rows in (1, 3, 40):  # the sparse kernel (few rows) and the masked dense path
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        with torch.inference_mode():
+            got = sparse(x)
+            want = conv(x * (x.abs() > 0.5))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "cats", "chess"])
+def test_gpt2_sparsifies_to_the_target(method):
+    model = tiny_model("gpt2")
+    lm = layer_modules(model)[0]
+    assert lm.groups["mlp_in"] == ("transformer.h.0.mlp.c_fc",) and lm.act == "transformer.h.0.mlp.act"
+    config = calibrate(model, method=method, sparsity=0.5, tokens=random_tokens(16, seed=1), progress=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode(), apply(model, config) as handle:
+        for b in random_tokens(8, seed=2).batches(4):
+            model(input_ids=b, use_cache=False)
+        got = handle.achieved()["overall"]
+        inside = model.state_dict()
+    assert abs(got - 0.5) < 0.05, got
+    assert inside.keys() == state.keys() and all(torch.equal(inside[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("method", ["topk", "coreinfer"])
+def test_gpt2_generates_with_mlp_activation_sparsity(method):
+    model = tiny_model("gpt2")
+    config = calibrate(model, method=method, sparsity=0.5, progress=False)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.inference_mode(), apply(model, config) as handle:
+        out = model.generate(ids, **kw)
+        got = handle.achieved()["overall"]  # the share of c_proj inputs that were zero
+    assert out.shape == (2, 11) and 0.1 < got <= 0.55, got
 
 
 # --- attention.dense reads z, not the residual -----------------------------------------------------

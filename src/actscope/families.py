@@ -218,6 +218,16 @@ GPT2 = Family(
         PATTERN: Tap("attn", index=1),
     },
     {"hook_embed": Tap("wte"), "hook_pos_embed": Tap("wpe"), "ln_final.hook_normalized": Tap("ln_f")},
+    linears=Linears(  # all Conv1D: weights stored [in, out]
+        groups={
+            "attn_in": ("attn.c_attn",),
+            "attn_out": ("attn.c_proj",),
+            "mlp_in": ("mlp.c_fc",),
+            "mlp_out": ("mlp.c_proj",),
+        },
+        act="mlp.act",
+        query="attn.c_attn",
+    ),
     readers=("attn.c_attn", "mlp.c_fc"),
 )
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..data import TokenBatches, load_tokens
 from ..errors import SparsifyError
+from ..families import linear_weight
 from ..sites import Site
 from ..stats import QuantileSketch
 from ..trace import trace
@@ -126,7 +127,7 @@ def _units(model: nn.Module, method: str, attention: bool) -> list[_Unit]:
         elif method == "cats":
             units.append(_Unit(tap(lm.act, "out"), down, [lm.act]))
         elif method == "chess":
-            width = modules[down[0]].in_features
+            width = linear_weight(modules[down[0]]).shape[1]
             up = tap(lm.up, "out") if lm.up else None
             unit = _Unit(tap(lm.act, "out"), down, [lm.act], channels=width, up_tap=up)
             units.append(unit)
@@ -274,10 +275,11 @@ def _error_curve(modules: dict[str, nn.Module], u: _Unit, grid: list[float]) -> 
     raw = torch.cat(u.rows)
     errs = []
     with torch.no_grad():
-        den = sum(float((raw @ modules[c].weight.float().t()).square().sum()) for c in u.consumers)
+        weights = [linear_weight(modules[c]).float() for c in u.consumers]  # [out, in], Conv1D too
+        den = sum(float((raw @ w.t()).square().sum()) for w in weights)
         for p in grid:
             t = u.threshold(p) if p > 0 else torch.full((1,), -1.0)
             dropped = raw * ~mask(raw, t, u.scale)
-            num = sum(float((dropped @ modules[c].weight.float().t()).square().sum()) for c in u.consumers)
+            num = sum(float((dropped @ w.t()).square().sum()) for w in weights)
             errs.append(num / max(den, 1e-30))
     return errs

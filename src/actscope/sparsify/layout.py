@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import SparsifyError
-from ..families import FAMILIES, family_of
+from ..families import FAMILIES, LINEAR_TYPES, family_of
 from ..sites import SiteMap
 
 
@@ -30,7 +30,8 @@ class LayerModules:
 
 
 def layer_modules(model: nn.Module) -> list[LayerModules]:
-    """The sparsifiable modules of every layer, checked to exist and to be ``nn.Linear``."""
+    """The sparsifiable modules of every layer, checked to exist and to be linear layers
+    (``nn.Linear``, or transformers' ``Conv1D`` whose weight is stored ``[in, out]``)."""
     model_type = getattr(model.config, "model_type", "unknown")
     family = family_of(model)
     layout = family.linears if family is not None else None
@@ -47,8 +48,8 @@ def layer_modules(model: nn.Module) -> list[LayerModules]:
         base = f"{sm.layers_path}.{layer}"
         groups = {g: tuple(f"{base}.{p}" for p in paths) for g, paths in layout.groups.items()}
         for path in (p for paths in groups.values() for p in paths):
-            if not isinstance(modules.get(path), nn.Linear):
-                raise SparsifyError(f"{path} is {type(modules.get(path)).__name__}, expected nn.Linear")
+            if not isinstance(modules.get(path), LINEAR_TYPES):
+                raise SparsifyError(f"{path} is {type(modules.get(path)).__name__}, expected nn.Linear or Conv1D")
         act = f"{base}.{layout.act}"
         if act not in modules:
             raise SparsifyError(f"MLP activation module {act} not found")

@@ -19,8 +19,10 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import SparsifyError
+from ..families import LINEAR_TYPES, linear_weight
 from ..kvcache import cached_length
 from . import kernel
 from .config import SparsityConfig
@@ -36,17 +38,22 @@ KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kerne
 GPU_KERNEL_MIN_BYTES = 4 << 20
 
 
-def column_norms(linear: nn.Linear) -> torch.Tensor:
-    """``||W[:, i]||_2`` per input channel: WINA's weight factor."""
-    return linear.weight.detach().float().norm(dim=0)
+def column_norms(linear: nn.Module) -> torch.Tensor:
+    """``||W[:, i]||_2`` per input channel (``W`` as ``[out, in]``, also for Conv1D): WINA's weight factor."""
+    return linear_weight(linear).detach().float().norm(dim=0)
 
 
 class SparseLinear(nn.Module):
-    """Stands in for an ``nn.Linear``: ``F.linear(x * keep, W, b)`` with ``keep = |x| * scale > thresh``."""
+    """Stands in for an ``nn.Linear``: ``F.linear(x * keep, W, b)`` with ``keep = |x| * scale > thresh``.
 
-    def __init__(self, linear: nn.Linear, thresh: torch.Tensor, scale: torch.Tensor | None = None):
+    Also for transformers' ``Conv1D`` (GPT-2), whose weight is stored ``[in, out]``: it is kept
+    as it is (the same Parameter), and is already the layout the sparse kernel reads.
+    """
+
+    def __init__(self, linear: nn.Module, thresh: torch.Tensor, scale: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = linear_weight(linear).shape
+        self.weight_in_out = isinstance(linear, Conv1D)  # stored [in, out]; linear_weight() reads this
         self.weight = linear.weight  # the same Parameter objects: nothing is copied or renamed
         self.bias = linear.bias
         dev = linear.weight.device
@@ -71,7 +78,8 @@ class SparseLinear(nn.Module):
     def transposed(self) -> torch.Tensor:
         """``W^T`` [in, out], made on first use: each input channel's weights become contiguous."""
         if self._wt is None or self._wt.dtype != self.weight.dtype:
-            self._wt = self.weight.detach().t().contiguous()
+            w = self.weight.detach()
+            self._wt = w.contiguous() if self.weight_in_out else w.t().contiguous()
         return self._wt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +95,10 @@ class SparseLinear(nn.Module):
                 y = kernel.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self.scale, self.counter)
         else:
             keep = kernel.mask(x2, self.thresh, self.scale, self.counter)
-            y = F.linear(x2 * keep, self.weight, self.bias)
+            if self.weight_in_out:  # as Conv1D computes it (it always has a bias)
+                y = torch.addmm(self.bias, x2 * keep, self.weight)
+            else:
+                y = F.linear(x2 * keep, self.weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
@@ -249,14 +260,15 @@ def _plan(model: nn.Module, config: SparsityConfig, state: _CoreState) -> dict[s
             for down in acts[path].groups["mlp_out"]:  # reads only the channels left non-zero
                 plan.setdefault(down, SparseLinear(modules[down], torch.zeros(1)))
             gate_up = acts[path].groups["mlp_in"]
-            if len(gate_up) == 2:  # separate gate and up: compute only the rows that will be kept
+            # separate gate and up (nn.Linear: rows contiguous): compute only the rows that will be kept
+            if len(gate_up) == 2 and all(isinstance(modules[p], nn.Linear) for p in gate_up):
                 for proj in gate_up if config.method == "coreinfer" else gate_up[1:]:
                     plan[proj] = RowsLinear(modules[proj], act)
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, LINEAR_TYPES):
             scale = column_norms(module) if config.method == "wina" else None
             plan[path] = SparseLinear(module, config.thresholds[path], scale)
         else:
-            raise SparsifyError(f"the config names {path}, which this model lacks or which is not nn.Linear "
+            raise SparsifyError(f"the config names {path}, which this model lacks or which is not a linear layer "
                                 f"(calibrated for model type {config.model_type!r})")
     return plan
 
