@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -126,7 +127,7 @@ def test_patching_equals_nnsight(tiny_llama):
 
     model, tok = tiny_llama
     warnings.simplefilter("ignore")
-    lm = nnsight.LanguageModel(model, tokenizer=tok)
+    lm = nnsight.LanguageModel(model, tokenizer=copy.deepcopy(tok))  # nnsight sets padding_side on its tokenizer
     clean_ids = tok(CLEAN, return_tensors="pt").input_ids
     corrupt_ids = tok(CORRUPT, return_tensors="pt").input_ids
     ours = patch(model, tok, CLEAN, CORRUPT, metric=_metric)

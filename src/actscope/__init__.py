@@ -7,6 +7,7 @@ from .ablate import ablate, site_mean
 from .attribution import AttributionResult, attribution_patch
 from .causal import causal_trace
 from .data import TokenBatches, load_tokens
+from .hooks import edit
 from .inspect import site_shapes
 from .models import load_model
 from .patch import PatchResult, patch
@@ -23,6 +24,7 @@ from .trace import ActivationCache, trace
 
 __all__ = [
     "ActivationCache",
+    "edit",
     "ActivationStore",
     "TokenBatches",
     "load_tokens",

@@ -21,7 +21,7 @@ import torch
 from .data import load_tokens
 from .errors import ActscopeError
 from .intervene import edits
-from .sites import Site, SiteMap
+from .sites import Site, site_map
 from .trace import trace
 
 MODES = ("zero", "mean", "resample")
@@ -29,11 +29,12 @@ MODES = ("zero", "mean", "resample")
 
 def _edit(site: Site, x: torch.Tensor, units: Sequence[int] | None, positions: Sequence[int] | None,
           mode: str, values: torch.Tensor | None) -> torch.Tensor:
-    if mode == "zero" and positions is None and units is not None and site.view is None and x.dim() >= 3:
-        # the common case (zero some neurons everywhere): one fused copy-and-fill, no index_put
+    # x is the site's tensor as traced: [batch, pos, d], or [batch, pos, head, d_head] for a
+    # per-head site, so axis 2 is the unit axis either way
+    if mode == "zero" and positions is None and units is not None and x.dim() >= 3:
+        # the common case (zero some units everywhere): one fused copy-and-fill, no index_put
         return x.index_fill(2, torch.as_tensor(units, device=x.device), 0)
-    out = x.clone()  # observers may hold the original
-    view = site.view(out) if site.view is not None else out
+    out = view = x.clone()  # observers may hold the original
     if values is not None and units is not None and values.shape == view.shape[2:]:
         values = values[list(units)]  # a whole-site mean (as site_mean gives): take the ablated units
     sel_pos = slice(None) if positions is None else list(positions)
@@ -68,7 +69,7 @@ def ablate(
         raise ActscopeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if mode != "zero" and values is None:
         raise ActscopeError(f"mode {mode!r} needs values (e.g. actscope.site_mean(...) or another run's activations)")
-    resolved = SiteMap(model).resolve([site] if isinstance(site, str) else list(site))
+    resolved = site_map(model).resolve([site] if isinstance(site, str) else list(site))
     if any(s.needs_eager_attention for s in resolved):
         raise ActscopeError("attention patterns cannot be ablated; ablate attn.hook_z heads instead")
 

@@ -18,8 +18,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .hooks import edits, hook_module, hooks
 from .patch import Metric, PatchResult, _resolve, make_metric, normalised, patch
-from .sites import Site, SiteMap
+from .sites import Site, site_map
 from .trace import trace
 
 
@@ -64,7 +65,7 @@ def attribution_patch(
     check: bool = True,
 ) -> AttributionResult:
     """Estimate every (site, position) patching effect; with ``check``, also run the real sweep."""
-    sm = SiteMap(model)
+    sm = site_map(model)
     resolved: list[Site] = _resolve(sm, sites)
     clean_ids = tokenizer(clean, return_tensors="pt").input_ids.to(model.device)
     corrupt_ids = tokenizer(corrupted, return_tensors="pt").input_ids.to(model.device)
@@ -80,25 +81,26 @@ def attribution_patch(
     clean_acts = {s.name: cache[s.name][0].clone() for s in resolved}
     acts: dict[str, torch.Tensor] = {}
 
-    def keep(site: Site, x: torch.Tensor) -> None:
-        if x.requires_grad:
-            x.retain_grad()
-        acts[site.name] = x
+    def capture(site: Site):
+        def keep(x: torch.Tensor) -> torch.Tensor:  # an identity edit puts x itself on the graph,
+            if x.requires_grad:                      # so even a per-head view gets its gradient
+                x.retain_grad()
+            acts[site.name] = x
+            return x
 
-    embed = dict(model.named_modules())[sm.sites["hook_embed"].module_path] if "hook_embed" in sm.sites else None
-    handle = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)) if embed is not None else None
-    try:
-        with _frozen(model), torch.enable_grad(), trace(model, resolved, on_activation=keep):
-            logits = model(input_ids=corrupt_ids, use_cache=False).logits[:, -1]
-            value = measure(logits)[0]
-            value.backward()
-    finally:
-        if handle is not None:
-            handle.remove()
+        return keep
+
+    embed = model.get_submodule(sm.sites["hook_embed"].module_path) if "hook_embed" in sm.sites else None
+    grad_from_embed = [lambda: hook_module(embed, lambda m, a, kw, out: out.requires_grad_(True), when="after")]
+    with _frozen(model), torch.enable_grad(), hooks(grad_from_embed if embed is not None else []), \
+            edits(model, [(s, capture(s)) for s in resolved]):
+        logits = model(input_ids=corrupt_ids, use_cache=False).logits[:, -1]
+        value = measure(logits)[0]
+        value.backward()
     m_corrupt = float(value.detach())
     est = torch.stack([
-        ((clean_acts[s.name] - acts[s.name][0].detach()) * acts[s.name].grad[0]).sum(-1) for s in resolved
-    ])  # [sites, positions]
+        ((clean_acts[s.name] - acts[s.name][0].detach()) * acts[s.name].grad[0]).flatten(1).sum(-1) for s in resolved
+    ])  # [sites, positions]; a per-head site counts all its heads, as patch() without heads= does
     T = corrupt_ids.shape[1]
     tokens = [tokenizer.decode([int(t)]) for t in corrupt_ids[0].tolist()]
     estimate = PatchResult([s.name for s in resolved], list(range(T)), tokens,

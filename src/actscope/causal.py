@@ -20,7 +20,7 @@ import torch
 
 from .errors import ActscopeError
 from .patch import PatchResult, make_metric, normalised, sweep
-from .sites import SiteMap
+from .sites import site_map
 from .trace import trace
 
 KINDS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
@@ -58,7 +58,7 @@ def causal_trace(
         raise ActscopeError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if window < 1 or samples < 1:
         raise ActscopeError("window and samples must be at least 1")
-    sm = SiteMap(model)
+    sm = site_map(model)
     if "hook_embed" not in sm.sites:
         raise ActscopeError(f"model type {sm.model_type!r} has no embedding site to corrupt")
     sites = sm.resolve([f"blocks.{l}.{KINDS[kind]}" for l in range(sm.n_layers)])

@@ -25,7 +25,8 @@ from torch import nn
 
 from .errors import ActscopeError
 from .families import FAMILIES, family_of
-from .sites import SiteMap
+from .hooks import hook_module
+from .sites import site_map
 
 ExpertSpec = Mapping[int, Sequence[int]] | Sequence[int] | None
 
@@ -66,7 +67,7 @@ def route_experts(model: nn.Module, *, disable: ExpertSpec = None, force: Expert
     if spec is None:
         supported = sorted(t for t, f in FAMILIES.items() if f.router is not None)
         raise ActscopeError(f"expert routing edits support {', '.join(supported)}; this model is {model_type!r}")
-    sm = SiteMap(model)
+    sm = site_map(model)
     off, on = _per_layer(disable, sm.n_layers), _per_layer(force, sm.n_layers)
     flag = spec.normalise  # True: always renormalise; a str: the config flag that decides
     normalise = flag if isinstance(flag, bool) else bool(getattr(model.config, flag, False))
@@ -80,8 +81,8 @@ def route_experts(model: nn.Module, *, disable: ExpertSpec = None, force: Expert
                 router = model.get_submodule(path)
             except AttributeError:
                 raise ActscopeError(f"layer {layer} has no router at {path} (a dense layer?)") from None
-            handles.append(router.register_forward_hook(_hook(router, layer, off.get(layer, []), on.get(layer, []),
-                                                              normalise)))
+            handles.append(hook_module(router, _hook(router, layer, off.get(layer, []), on.get(layer, []),
+                                                     normalise), when="after"))
         yield
     finally:
         for h in handles:
@@ -100,7 +101,7 @@ def _hook(router: nn.Module, layer: int, disabled: list[int], forced: list[int],
                             f"of {n_experts} or force {len(forced)}")
     checked = [False]
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         logits, weights, index = output
         probs = torch.softmax(logits.float(), dim=-1)
         if not checked[0]:

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .sites import SiteMap
+from .sites import site_map
 from .trace import trace
 
 
@@ -15,8 +15,7 @@ def site_shapes(model: Any, patterns: Iterable[str] = ("**",), seq_len: int = 4)
 
     Shapes are as captured, e.g. ``[1, seq, d_model]`` or ``[1, head, query, key]``.
     """
-    site_map = SiteMap(model)
-    sites = site_map.resolve(list(patterns))
+    sites = site_map(model).resolve(list(patterns))
     vocab = int(getattr(model.config, "vocab_size", 0) or 2)
     ids = (torch.arange(seq_len) % max(vocab - 1, 1) + 1).unsqueeze(0).to(model.device)
     with torch.inference_mode(), trace(model, sites) as cache:

@@ -29,7 +29,7 @@ import torch
 from .errors import ActscopeError
 from .intervene import edits
 from .kvcache import output_cache, with_cache
-from .sites import Site, SiteMap
+from .sites import Site, SiteMap, site_map
 from .trace import trace
 
 SHORT_SITES = {
@@ -162,16 +162,15 @@ def _value(values: dict[str, torch.Tensor], cell: Any, q: int) -> torch.Tensor:
 def _patch_hooks(model: Any, cells: list[Any], rows: list[Any], position: int, values: list[torch.Tensor]) -> Iterator[None]:
     """Replace cell ``i`` (a site, or a (site, head) pair) at ``position`` with ``values[i]`` in
     batch rows ``rows[i]`` (an index, a slice, or None for all rows). Per-head sites are written
-    through their view of the module's tensor."""
+    through their view by the hook core."""
 
     def swap(site: Site, head: int | None, sel: Any, value: torch.Tensor):
-        def fn(h: torch.Tensor) -> torch.Tensor:
+        def fn(h: torch.Tensor) -> torch.Tensor:  # h as traced: per-head sites have a head axis
             h = h.clone()
-            target = site.view(h) if site.view is not None else h
             if head is None:
-                target[sel, position] = value.to(h.dtype)
+                h[sel, position] = value.to(h.dtype)
             else:
-                target[sel, position, head] = value.to(h.dtype)
+                h[sel, position, head] = value.to(h.dtype)
             return h
 
         return fn
@@ -197,7 +196,7 @@ def _noise_hook(model: Any, noise: torch.Tensor | None, state: dict) -> Iterator
         add = noise[:, state["offset"] : state["offset"] + T].repeat_interleave(state["reps"], dim=0)
         return output + add.to(output.dtype)
 
-    with edits(model, [(SiteMap(model).sites["hook_embed"], add_noise)]):
+    with edits(model, [(site_map(model).sites["hook_embed"], add_noise)]):
         yield
 
 
@@ -272,8 +271,7 @@ def patch(
     sites (e.g. ``blocks.*.attn.hook_z``) one head at a time: rows become ``site[head h]``.
     ``metric="kl"`` measures ``-KL(p_clean || p)`` at the last position (0 for the clean run).
     ``foil`` (for ``logit_diff``) defaults to the corrupted run's top next token."""
-    site_map = SiteMap(model)
-    resolved = _resolve(site_map, sites)
+    resolved = _resolve(site_map(model), sites)
     if heads is not None:
         flat_sites = [s.name for s in resolved if s.view is None]
         if flat_sites:

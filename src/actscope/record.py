@@ -23,7 +23,7 @@ from .data import TokenBatches, load_tokens
 from .distributed import Ranks
 from .errors import StoreError
 from .models import context_length, parse_dtype
-from .sites import Site, SiteMap
+from .sites import Site, site_map
 from .store.fs import TMP_MARK, Location
 from .store.reader import FORMAT, SHARDS, ActivationStore, open_store, read_manifest, shard_index, shard_name
 from .store.writer import BufferPool, PendingShard, ShardWriter, site_entries, write_header_files
@@ -173,7 +173,7 @@ def _record(
     limit = context_length(model)
     if limit is not None and seq_len > limit:
         raise StoreError(f"--seq-len {seq_len} exceeds the model's context length of {limit} tokens")
-    resolved = SiteMap(model).resolve(sites)
+    resolved = site_map(model).resolve(sites)
     if tokens is None:
         tokens = load_tokens(data, tokenizer, seq_len, max_tokens, text_field)
     shapes = probe_shapes(model, resolved, tokens.input_ids[:1, :8], tokens.seq_len)

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from .data import TokenBatches, load_tokens
 from .errors import ActscopeError
+from .hooks import hook_module
 from .models import context_length
-from .sites import SiteMap
+from .sites import site_map
 from .stats.attention import AttentionStats
 from .stats.mlp import MlpLayerStats
 from .stats.residual import LayerUse, MassiveTracker, kl_to_final
@@ -79,7 +80,7 @@ class Scanner:
 
     def __init__(self, model: Any, tokenizer: Any, config: ScanConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
-        self.site_map = SiteMap(model)
+        self.site_map = site_map(model)
         sm = self.site_map
         self.n_layers = sm.n_layers
         if "blocks.0.mlp.hook_post" not in sm.sites:
@@ -196,7 +197,7 @@ class Scanner:
         L = self.n_layers
         batch = tokens.input_ids[:1, :n].expand(L + 1, n).to(self.model.device)
         layers = self.modules[self.site_map.layers_path]
-        handles = [layers[l].register_forward_hook(_skip_row(l), with_kwargs=True) for l in range(L)]
+        handles = [hook_module(layers[l], _skip_row(l), when="after") for l in range(L)]
         try:
             with torch.inference_mode():
                 logits = self.model(input_ids=batch, use_cache=False).logits

@@ -14,18 +14,19 @@ only per-layer sums (and, for PCA, a d x d scatter matrix) are kept, never all h
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import ActscopeError
-from .intervene import edits
+from .hooks import edits, hook_module, hooks
 from .kvcache import cached_length
-from .sites import SiteMap
+from .sites import site_map
 from .trace import trace
 
 POSITIONS = ("all", "prompt", "generated")
@@ -148,24 +149,46 @@ class _PositionTracker:
 
 
 @contextmanager
-def steer(model: Any, vectors: dict[int, torch.Tensor], scale: float = 1.0, positions: str = "all") -> Iterator[None]:
-    """Add ``scale * vectors[l]`` to the output of layer ``l`` for the block's duration."""
+def steer(model: Any, vectors: Mapping[int | str, torch.Tensor], scale: float = 1.0,
+          positions: str = "all") -> Iterator[None]:
+    """Add ``scale * vectors[key]`` to a site's tensor for the block's duration.
+
+    A key is a layer number (its ``blocks.l.hook_resid_post``) or any one site name, such as
+    ``model:output`` or a per-head site (``blocks.3.attn.hook_z``, with a ``[head, d_head]``
+    vector). ``positions`` picks the prompt's tokens, the generated ones, or all; it is tracked
+    through the KV cache, so cached and uncached generation are steered alike.
+    """
     if positions not in POSITIONS:
         raise ActscopeError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
-    sm = SiteMap(model)
-    bad = [l for l in vectors if not 0 <= l < sm.n_layers]
+    if not math.isfinite(scale):
+        raise ActscopeError(f"the steering scale must be a finite number, not {scale}")
+    sm = site_map(model)
+    bad = [l for l in vectors if isinstance(l, int) and not 0 <= l < sm.n_layers]
     if bad:
         raise ActscopeError(f"layers {bad} do not exist: the model has layers 0..{sm.n_layers - 1}")
     d_model = int(getattr(model.config, "hidden_size", 0) or 0)
-    for l, v in vectors.items():
-        if d_model and v.numel() != d_model:
-            raise ActscopeError(f"the vector for layer {l} has {v.numel()} dims; the model's residual has {d_model}")
+    targets = {}
+    for key, v in vectors.items():
+        if isinstance(key, int):
+            if d_model and v.numel() != d_model:
+                raise ActscopeError(f"the vector for layer {key} has {v.numel()} dims; the model's residual has {d_model}")
+            targets[key] = sm.sites[f"blocks.{key}.hook_resid_post"]
+        else:
+            found = sm.resolve(key)
+            if len(found) != 1:
+                raise ActscopeError(f"a steering key names one site; {key!r} matches {len(found)}")
+            targets[key] = found[0]
+        if not bool(torch.isfinite(v).all()):
+            raise ActscopeError(f"the vector for {key!r} holds NaN or infinite values")
     tracker = _PositionTracker()
-    tracker_handle = model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)
 
-    def make(vec: torch.Tensor):
+    def make(key: int | str, vec: torch.Tensor):
         def add(hidden: torch.Tensor) -> torch.Tensor:
-            delta = (scale * vec).to(hidden.dtype).to(hidden.device)
+            trailing = hidden.shape[2:]
+            if vec.numel() != trailing.numel():
+                raise ActscopeError(f"the vector for {key!r} has {vec.numel()} values; the site's tensor has "
+                                    f"{tuple(trailing)} per token")
+            delta = (scale * vec).to(hidden.dtype).to(hidden.device).reshape(trailing)
             if positions == "all":
                 return hidden + delta
             T = hidden.shape[1]
@@ -174,16 +197,13 @@ def steer(model: Any, vectors: dict[int, torch.Tensor], scale: float = 1.0, posi
             mask = (pos < limit) if positions == "prompt" else (pos >= limit)
             if not bool(mask.any()):
                 return hidden
-            return hidden + mask.view(1, T, 1).to(hidden.dtype) * delta
+            return hidden + mask.view(1, T, *([1] * len(trailing))).to(hidden.dtype) * delta
 
         return add
 
-    pairs = [(sm.sites[f"blocks.{l}.hook_resid_post"], make(v)) for l, v in vectors.items() if scale != 0]
-    try:
-        with edits(model, pairs):
-            yield
-    finally:
-        tracker_handle.remove()
+    pairs = [(targets[k], make(k, v)) for k, v in vectors.items() if scale != 0]
+    with hooks([lambda: hook_module(model, tracker.pre_hook, when="before")]), edits(model, pairs):
+        yield
 
 
 @contextmanager
@@ -193,7 +213,7 @@ def ablate_direction(model: Any, direction: torch.Tensor) -> Iterator[None]:
     Applied to the embedding output and every layer's output, so no layer reads the direction.
     """
     r = direction.float() / direction.float().norm().clamp_min(1e-12)
-    sm = SiteMap(model)
+    sm = site_map(model)
     names = (["hook_embed"] if "hook_embed" in sm.sites else []) + [f"blocks.{l}.hook_resid_post" for l in range(sm.n_layers)]
     targets = [sm.sites[n] for n in names]
 
@@ -288,7 +308,7 @@ def steering_vector(
         raise ActscopeError("steering needs at least one positive and one negative prompt")
     if method == "pca" and len(positive) != len(negative):
         raise ActscopeError(f"pca needs paired prompts: {len(positive)} positive vs {len(negative)} negative")
-    sm = SiteMap(model)
+    sm = site_map(model)
     layer_ids = list(range(sm.n_layers) if layers is None else layers)
     sites = [f"blocks.{l}.hook_resid_post" for l in layer_ids]
     sums = {"pos": {}, "neg": {}}

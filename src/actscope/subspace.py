@@ -26,7 +26,7 @@ from .errors import ActscopeError
 from .families import family_of, linear_weight, reader_weight
 from .intervene import edits
 from .patch import Metric, make_metric, normalised
-from .sites import Site, SiteMap
+from .sites import Site, SiteMap, site_map
 from .trace import trace
 
 
@@ -83,7 +83,7 @@ def subspace_patch(
 ) -> dict:
     """Patch the span of ``directions`` (``[d, k]``) at ``site`` and ``positions`` (default all)
     from the clean run into the corrupted run; see the module docstring."""
-    sm = SiteMap(model)
+    sm = site_map(model)
     (s,) = sm.resolve([site])
     if s.view is not None or s.needs_eager_attention:
         raise ActscopeError(f"subspace patching needs a [batch, pos, d] site, not {site}")

@@ -11,7 +11,6 @@ is an error at exit, not an empty result.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
@@ -20,9 +19,8 @@ import torch
 from torch import nn
 
 from .errors import SiteError, SiteNotFiredError
-from .sites import Site, SiteMap
-
-log = logging.getLogger(__name__)
+from .hooks import eager_attention, hooks, read_site
+from .sites import Site, site_map
 
 OnActivation = Callable[[Site, torch.Tensor], None]
 
@@ -63,38 +61,6 @@ class ActivationCache(Mapping):
         self._values[name].append(value)
 
 
-def _register(module: nn.Module, site: Site, handle: OnActivation) -> Any:
-    if site.io == "in":
-
-        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            handle(site, site.extract(args, kwargs))
-
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def post_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        handle(site, site.extract(args, kwargs, output))
-
-    return module.register_forward_hook(post_hook, with_kwargs=True)
-
-
-@contextmanager
-def eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
-    """Switch to eager attention for the block when ``needed``, and say so; restore after.
-
-    Fused kernels (sdpa, flash) never materialise attention weights, so patterns need eager.
-    """
-    current = getattr(model.config, "_attn_implementation", "eager")
-    if not needed or current == "eager":
-        yield
-        return
-    log.warning("attention patterns requested: switching attention from %s to eager", current)
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(current)
-
-
 @contextmanager
 def trace(
     model: nn.Module,
@@ -118,7 +84,7 @@ def trace(
     if isinstance(sites, list) and sites and isinstance(sites[0], Site):
         resolved: list[Site] = sites  # type: ignore[assignment]
     else:
-        resolved = SiteMap(model).resolve(sites)  # type: ignore[arg-type]
+        resolved = site_map(model).resolve(sites)  # type: ignore[arg-type]
     cache = ActivationCache(resolved)
     fired = {s.name: 0 for s in resolved}
 
@@ -140,17 +106,12 @@ def trace(
             if not waiting:
                 raise _StopForward
 
-    modules = dict(model.named_modules())
-    handles = [_register(modules[s.module_path], s, handle) for s in resolved]
     needs_eager = any(s.needs_eager_attention for s in resolved)
     try:
-        with eager_attention(model, needs_eager):
+        with hooks([lambda s=s: read_site(model, s, handle) for s in resolved]), eager_attention(model, needs_eager):
             yield cache
     except _StopForward:
         pass  # every site fired: the rest of the forward pass was not needed
-    finally:
-        for h in handles:
-            h.remove()
     silent = [name for name, n in fired.items() if n == 0]
     if silent:
         hint = (

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import SparsifyError
 from ..families import FAMILIES, LINEAR_TYPES, family_of
-from ..sites import SiteMap
+from ..sites import site_map
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def layer_modules(model: nn.Module) -> list[LayerModules]:
             f"activation sparsity has no layout for model type {model_type!r}; supported: "
             f"{', '.join(supported)} (give its family `linears` with actscope.register_family)"
         )
-    sm = SiteMap(model)
+    sm = site_map(model)
     modules = dict(model.named_modules())
     out = []
     for layer in range(sm.n_layers):

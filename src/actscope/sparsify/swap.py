@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import SparsifyError
 from ..families import LINEAR_TYPES, linear_weight
+from ..hooks import hook_module
 from ..kvcache import cached_length
 from . import kernel
 from .config import SparsityConfig
@@ -298,7 +299,7 @@ def apply(model: nn.Module, config: SparsityConfig | str) -> Iterator[SparsityHa
     handle = None
     try:
         if config.method == "coreinfer":
-            handle = model.register_forward_pre_hook(_prompt_detector(state), with_kwargs=True)
+            handle = hook_module(model, _prompt_detector(state), when="before")
         for path, new in plan.items():
             _swap(model, path, new)
         yield SparsityHandle({p: m for p, m in plan.items() if isinstance(m, SparseLinear)}, config)
