@@ -11,7 +11,6 @@ on ``lens_samples`` random tokens per batch, layer skipping on the first ``skip_
 from __future__ import annotations
 
 import inspect
-
 import random
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -21,36 +20,58 @@ from tqdm.auto import tqdm
 
 from .data import TokenBatches, load_tokens
 from .errors import ActscopeError
-from .hooks import hook_module
 from .models import context_length
 from .sites import site_map
 from .stats.attention import AttentionStats
 from .stats.mlp import MlpLayerStats
+from .report.build import ReportContext, build_report
+from .stats.lens import logit_lens_view, skip_layer_kl
 from .stats.residual import LayerUse, MassiveTracker, kl_to_final
 from .trace import trace
 
 
 @dataclass
 class ScanConfig:
+    """Every threshold and sample size of the scan (docs/methods.md, "Measure", gives the why)."""
+
     seq_len: int = 128
+    """Tokens per packed sequence."""
     max_tokens: int | None = 20_000
+    """Stop after this many tokens of the corpus (None: the whole corpus)."""
     batch_size: int = 8
-    patterns: bool = True  # attention sinks and dormant heads need eager attention
+    """Sequences per forward pass."""
+    patterns: bool = True
+    """Measure attention sinks and dormant heads (switches to eager attention for the pass)."""
     taus: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1)
-    tau: float | None = None  # primary threshold; None: 0 for ReLU models, else 0.01
+    """Thresholds ``|a| > tau`` at which MLP density is reported."""
+    tau: float | None = None
+    """The primary activity threshold; None: 0 for ReLU models, else 0.01."""
     chunk: int = 8
+    """Consecutive tokens per chunk for chunk-level sparsity (CLS)."""
     rare: float = 1e-4
+    """A neuron active on fewer than this share of tokens is rare."""
     cett_bound: float = 0.2
+    """Relative L2 error bound of the MLP output for CETT sparsity."""
     massive_abs: float = 100.0
+    """A massive activation exceeds this absolute value ..."""
     massive_ratio: float = 1000.0
+    """... and this multiple of its layer's median absolute value."""
     dormant_threshold: float = 0.9
+    """A head is dormant on a sequence when more than this share of its attention is on the sink."""
     secondary_threshold: float = 0.3
+    """Sink score above which a position other than the first is a secondary sink."""
     lens_samples: int = 2
+    """Random tokens per batch for the logit-lens KL and CETT."""
     skip_tokens: int = 32
+    """Tokens of the first sequence used to measure the output KL when each layer is skipped."""
     topk: int = 5
-    profile_every: int = 4  # per-neuron moments and delta sparsity on every n-th sequence
+    """Top-activating contexts kept per neuron."""
+    profile_every: int = 4
+    """Per-neuron moments and delta sparsity use every n-th sequence."""
     seed: int = 0
+    """Seed of the token sampling (logit lens, CETT)."""
     text_field: str = "text"
+    """Field holding the text in JSONL or Parquet data."""
 
 
 @dataclass
@@ -86,15 +107,14 @@ class Scanner:
         if "blocks.0.mlp.hook_post" not in sm.sites:
             raise ActscopeError(f"scan needs MLP sites, which model type {sm.model_type!r} lacks")
         self.parallel = "blocks.0.hook_resid_mid" not in sm.sites
-        self.modules = dict(model.named_modules())
-        self.down = [self.modules[sm.sites[f"blocks.{l}.mlp.hook_post"].module_path] for l in range(self.n_layers)]
+        self.down = [model.get_submodule(sm.sites[f"blocks.{l}.mlp.hook_post"].module_path) for l in range(self.n_layers)]
         act = str(getattr(model.config, "hidden_act", getattr(model.config, "activation_function", ""))).lower()
         self.relu = act in {"relu", "relu2", "relu_squared"}
         self.tau = config.tau if config.tau is not None else (0.0 if self.relu else 0.01)
         taus = sorted(set(config.taus) | {self.tau})
         self.taus = tuple(taus)
         norm = sm.sites.get("ln_final.hook_normalized")
-        self.final_norm = self.modules[norm.module_path] if norm else None
+        self.final_norm = model.get_submodule(norm.module_path) if norm else None
         self.unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         # The scan reads final logits at a few sampled positions only: when it can rebuild them
         # (final norm + unembedding, no soft-capping), the model is asked for the last position's
@@ -154,8 +174,25 @@ class Scanner:
         bar.close()
         assert stats is not None
         stats.n_tokens = offset
-        self._skip_layers(stats, tokens)
+        n = min(cfg.skip_tokens, tokens.seq_len)
+        if n >= 2 and self.unembed is not None:
+            layers = self.model.get_submodule(self.site_map.layers_path)
+            stats.layers.skip_kl = skip_layer_kl(self.model, layers, tokens.input_ids[:1, :n])
         return stats
+
+    def report_context(self, tokens: TokenBatches) -> ReportContext:
+        """What the report needs to know about the model and the run, beside the statistics."""
+        model, sm = self.model, self.site_map
+        lens = {}
+        if self.final_norm is not None and self.unembed is not None:
+            lens = logit_lens_view(model, self.final_norm, self.unembed, self.n_layers,
+                                   tokens.input_ids[:1].to(model.device), self.decode)
+        return ReportContext(
+            model_name=getattr(model, "actscope_name", None) or getattr(model.config, "_name_or_path", "") or sm.model_type,
+            model_type=sm.model_type, n_layers=self.n_layers, n_heads=sm.dims.n_heads,
+            config=asdict(self.cfg) | {"tau": self.tau, "taus": list(self.taus)},
+            rare=self.cfg.rare, decode=self.decode, logit_lens=lens,
+        )
 
     def _consume(self, st: CorpusStats, acts: dict, ids: torch.Tensor, logits: Any, offset: int, rng: random.Random) -> None:
         B, T = ids.shape
@@ -185,70 +222,6 @@ class Scanner:
             for l in range(self.n_layers):
                 st.layers.update_lens(l, kl_to_final(final, lens[l]))
 
-    def _skip_layers(self, st: CorpusStats, tokens: TokenBatches) -> None:
-        """Output KL when each layer is skipped (its output replaced by its input).
-
-        One forward pass does all layers: row l of a batch of copies skips layer l, and the
-        last row is the unmodified baseline (rows never interact).
-        """
-        n = min(self.cfg.skip_tokens, tokens.seq_len)
-        if n < 2 or self.unembed is None:
-            return
-        L = self.n_layers
-        batch = tokens.input_ids[:1, :n].expand(L + 1, n).to(self.model.device)
-        layers = self.modules[self.site_map.layers_path]
-        handles = [hook_module(layers[l], _skip_row(l), when="after") for l in range(L)]
-        try:
-            with torch.inference_mode():
-                logits = self.model(input_ids=batch, use_cache=False).logits
-        finally:
-            for h in handles:
-                h.remove()
-        for l in range(L):
-            st.layers.skip_kl[l] = float(kl_to_final(logits[L], logits[l]).mean())
-
-    def logit_lens_view(self, tokens: TokenBatches, n_positions: int = 8, top: int = 3) -> dict:
-        """Top tokens per layer at a few positions of the first sequence."""
-        if self.final_norm is None or self.unembed is None:
-            return {}
-        ids = tokens.input_ids[:1].to(self.model.device)
-        T = ids.shape[1]
-        positions = sorted({int(round(i * (T - 1) / max(n_positions - 1, 1))) for i in range(n_positions)})
-        with torch.inference_mode(), trace(self.model, "blocks.*.hook_resid_post") as cache:
-            final = self.model(input_ids=ids, use_cache=False).logits[0, positions]
-        final_top = final.argmax(-1)
-        layers = []
-        h = torch.cat([cache[f"blocks.{l}.hook_resid_post"][0, positions] for l in range(self.n_layers)])
-        with torch.inference_mode():  # one unembedding call: the vocab matrix is read once, not per layer
-            all_logits = self.unembed(self.final_norm(h)).reshape(self.n_layers, len(positions), -1)
-        for l in range(self.n_layers):
-            logits = all_logits[l]
-            top_ids = logits.topk(top, dim=-1).indices
-            rank = (logits > logits.gather(1, final_top[:, None])).sum(-1)
-            layers.append({
-                "layer": l,
-                "top": [[self.decode(t) for t in row] for row in top_ids.tolist()],
-                "final_token_rank": rank.tolist(),
-            })
-        return {
-            "positions": positions,
-            "tokens": [self.decode(t) for t in ids[0, positions].tolist()],
-            "next_token_prediction": [self.decode(t) for t in final_top.tolist()],
-            "layers": layers,
-        }
-
-
-def _skip_row(row: int):
-    """A forward hook that makes the layer an identity for batch row ``row`` only."""
-
-    def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        out = (output[0] if isinstance(output, tuple) else output).clone()
-        out[row] = hidden[row]
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-
-    return hook
-
 
 def scan(
     model: Any,
@@ -264,8 +237,6 @@ def scan(
 
     ``overrides`` set ``ScanConfig`` fields, e.g. ``max_tokens=5000, patterns=False``.
     """
-    from .report.build import build_report
-
     base = config or ScanConfig()
     for key in overrides:
         if not hasattr(base, key):
@@ -282,4 +253,4 @@ def scan(
     if compare_data is not None:
         other_tokens = load_tokens(compare_data, tokenizer, cfg.seq_len, cfg.max_tokens, cfg.text_field)
         other = scanner.run(other_tokens, progress, "scan (compare)")
-    return build_report(scanner, main, other)
+    return build_report(scanner.report_context(main.tokens), main, other)

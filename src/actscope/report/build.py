@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,7 +32,7 @@ def _context(tokens, index: int, decode, before: int = 8, after: int = 3) -> dic
     return {"sequence": seq, "position": pos, "before": left, "token": decode(row[pos]), "after": right}
 
 
-def _attention_section(scanner, st) -> tuple[dict, list]:
+def _attention_section(ctx: ReportContext, st) -> tuple[dict, list]:
     att = st.attention
     if att is None:
         return {"enabled": False}, []
@@ -40,7 +40,7 @@ def _attention_section(scanner, st) -> tuple[dict, list]:
     first = att.mass_on_first()
     dormant = att.dormant_rate()
     per_layer = []
-    for l in range(scanner.n_layers):
+    for l in range(ctx.n_layers):
         heads = []
         for h in range(att.n_heads):
             score, pos = scores[l, h].max(0)
@@ -51,26 +51,26 @@ def _attention_section(scanner, st) -> tuple[dict, list]:
         per_layer.append({"layer": l, "heads": heads})
     dormant_heads = [
         {"layer": l, "head": h, "dormant_rate": float(dormant[l, h]), "mass_on_first_token": float(first[l, h])}
-        for l in range(scanner.n_layers) for h in range(att.n_heads) if dormant[l, h] >= 0.5
+        for l in range(ctx.n_layers) for h in range(att.n_heads) if dormant[l, h] >= 0.5
     ]
     section = {
         "enabled": True,
         "dormant_threshold": att.dormant_threshold,
         "per_layer": per_layer,
-        "secondary_sinks": att.secondary_sinks(scanner.decode)[:50],
+        "secondary_sinks": att.secondary_sinks(ctx.decode)[:50],
         "triad": att.triad_table(),
     }
     return section, dormant_heads
 
 
-def _neurons(scanner, st, per_layer: int = 3) -> list[dict]:
+def _neurons(ctx: ReportContext, st, per_layer: int = 3) -> list[dict]:
     """The most extreme neurons of each layer (by max activation), with top contexts."""
     rows = []
     for l, m in enumerate(st.mlp):
         mx = m.max
         for n in mx.topk(min(per_layer, mx.numel())).indices.tolist():
             contexts = [
-                {**_context(st.tokens, idx, scanner.decode), "value": float(v)}
+                {**_context(st.tokens, idx, ctx.decode), "value": float(v)}
                 for v, idx in zip(m.top.values[:, n].tolist(), m.top.index[:, n].tolist())
             ]
             rows.append({
@@ -81,21 +81,21 @@ def _neurons(scanner, st, per_layer: int = 3) -> list[dict]:
     return rows
 
 
-def corpus_section(scanner, st) -> dict:
-    mlp = [m.summary(scanner.cfg.rare) for m in st.mlp]
-    attention, dormant = _attention_section(scanner, st)
+def corpus_section(ctx: ReportContext, st) -> dict:
+    mlp = [m.summary(ctx.rare) for m in st.mlp]
+    attention, dormant = _attention_section(ctx, st)
     return {
         "tokens": st.n_tokens,
         "source": st.tokens.source,
         "mlp_sparsity": [{"layer": l, **{k: v for k, v in s.items() if k not in ("dead_neurons", "rare_neurons", "code_uniqueness")}} for l, s in enumerate(mlp)],
-        "massive_activations": st.massive.results(scanner.decode)[:200],
-        "residual_median": [st.massive.median(l) for l in range(scanner.n_layers)],
+        "massive_activations": st.massive.results(ctx.decode)[:200],
+        "residual_median": [st.massive.median(l) for l in range(ctx.n_layers)],
         "attention_sinks": attention,
         "dormant_heads": dormant,
         "layer_use": st.layers.results(),
         "dead_neurons": [{"layer": l, "dead": s["dead_neurons"], "rare": s["rare_neurons"], "d_ff": st.mlp[l].d_ff} for l, s in enumerate(mlp)],
         "neural_codes": [{"layer": l, "uniqueness": s["code_uniqueness"]} for l, s in enumerate(mlp)],
-        "neurons": _neurons(scanner, st),
+        "neurons": _neurons(ctx, st),
     }
 
 
@@ -123,25 +123,38 @@ def compare_sections(a: dict, b: dict) -> dict:
     return out
 
 
-def build_report(scanner, main, other=None) -> "ScanReport":
-    model = scanner.model
-    body = corpus_section(scanner, main)
+@dataclass(frozen=True)
+class ReportContext:
+    """What the report needs beside the accumulated statistics: a few facts about the model and
+    the run, so that building the report never reaches into the scanner."""
+
+    model_name: str
+    model_type: str
+    n_layers: int
+    n_heads: int
+    config: dict
+    rare: float
+    decode: Callable[[int], str]
+    logit_lens: dict
+
+
+def build_report(ctx: ReportContext, main, other=None) -> "ScanReport":
+    body = corpus_section(ctx, main)
     report: dict[str, Any] = {
         "actscope_version": __version__,
         "model": {
-            "name": getattr(model, "actscope_name", None) or getattr(model.config, "_name_or_path", "")
-            or scanner.site_map.model_type,
-            "model_type": scanner.site_map.model_type,
-            "n_layers": scanner.n_layers,
-            "n_heads": scanner.site_map.dims.n_heads,
+            "name": ctx.model_name,
+            "model_type": ctx.model_type,
+            "n_layers": ctx.n_layers,
+            "n_heads": ctx.n_heads,
             "d_ff": main.mlp[0].d_ff,
         },
-        "config": asdict(scanner.cfg) | {"tau": scanner.tau, "taus": list(scanner.taus)},
+        "config": ctx.config,
         **body,
-        "logit_lens": scanner.logit_lens_view(main.tokens),
+        "logit_lens": ctx.logit_lens,
     }
     if other is not None:
-        report["compare"] = corpus_section(scanner, other)
+        report["compare"] = corpus_section(ctx, other)
         report["comparison"] = compare_sections(body, report["compare"])
     report["summary"] = summarize(report)
     arrays = {
