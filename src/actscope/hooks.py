@@ -38,9 +38,7 @@ from .sites import Site, site_map
 log = logging.getLogger("actscope.trace")  # the name users already filter on
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
-Userlog = logging.getLogger("actscope.trace")  # the name users already filter on
-
-Edit = Callable[[torch.Tensor, str], torch.Tensor]
+UserEdit = Callable[[torch.Tensor, str], torch.Tensor]
 Observer = Callable[[Site, torch.Tensor], None]
 
 
