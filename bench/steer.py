@@ -17,7 +17,7 @@ import warnings
 import torch
 
 import actscope
-from actscope.steer_effects import calibrate_scale, generate
+from actscope.intervene.steer_effects import calibrate_scale, generate
 
 PAIRS = [
     ("I love this movie, it was", "I hate this movie, it was"),

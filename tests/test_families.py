@@ -15,7 +15,7 @@ from actscope import ActscopeError, SiteMap, register_family, route_experts
 from actscope.families import FAMILIES, LLAMA, MIXTRAL, Linears, linear_weight
 from actscope.sparsify import SparseLinear, apply, calibrate
 from actscope.sparsify.layout import layer_modules
-from actscope.subspace import _readers, null_fraction
+from actscope.intervene.subspace import _readers, null_fraction
 
 CLEAN = "the value of the list"
 CORRUPT = "the value of the dict"

@@ -3,19 +3,19 @@
 __version__ = "0.1.0"  # before the imports: submodules read it
 
 from .errors import ActscopeError, DataError, ModelLoadError, SiteError, SiteNotFiredError, StoreError
-from .ablate import ablate, site_mean
-from .attribution import AttributionResult, attribution_patch
-from .causal import causal_trace
+from .intervene.ablate import ablate, site_mean
+from .intervene.attribution import AttributionResult, attribution_patch
+from .intervene.causal import causal_trace
 from .data import TokenBatches, load_tokens
 from .hooks import edit
 from .inspect import site_shapes
 from .models import load_model
-from .patch import PatchResult, patch
+from .intervene.patch import PatchResult, patch
 from .record import record
 from .scan import ScanConfig, scan
-from .subspace import subspace_patch
-from .steer import SteeringVector, ablate_direction, steer, steering_vector
-from .experts import route_experts
+from .intervene.subspace import subspace_patch
+from .intervene.steer import SteeringVector, ablate_direction, steer, steering_vector
+from .intervene.experts import route_experts
 from .families import Family, register_family
 from .sites import Site, SiteMap, resolve_sites
 from .store.reader import ActivationStore, open_store

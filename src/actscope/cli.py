@@ -153,7 +153,7 @@ def steer(
     """Compute a steering vector from contrastive prompts; --out is a .gguf control vector, or a folder
     (safetensors + JSON)."""
     from .models import load_model
-    from .steer import steering_vector
+    from .intervene.steer import steering_vector
 
     m, tok = load_model(model, device=device_name(device))
     vec = steering_vector(m, tok, _prompts(positive), _prompts(negative), _layers(layers), method, position)
@@ -193,8 +193,8 @@ def generate(
     from .models import load_model
     from .sparsify import SparsityConfig, greedy_decode
     from .sparsify import apply as apply_sparsity
-    from .steer import SteeringVector
-    from .steer_effects import generate as run_generate
+    from .intervene.steer import SteeringVector
+    from .intervene.steer_effects import generate as run_generate
 
     if old_sparsity is not None:
         sparsity_config = _old_sparsity(old_sparsity, sparsity_config)
@@ -268,7 +268,7 @@ def patch(
 ) -> None:
     """Activation patching over every (site, position): writes effects.json and effects.png to --out."""
     from .models import load_model
-    from .patch import patch as run_patch
+    from .intervene.patch import patch as run_patch
 
     m, tok = load_model(model, device=device_name(device))
     res = run_patch(m, tok, clean, corrupted, sites=sites if len(sites) > 1 else sites[0],
@@ -296,7 +296,7 @@ def causal_trace_cmd(
 ) -> None:
     """Causal tracing (ROME style): noise the subject, restore each (layer, position), measure the target's
     probability; writes effects.json and effects.png to --out."""
-    from .causal import causal_trace
+    from .intervene.causal import causal_trace
     from .models import load_model
 
     m, tok = load_model(model, device=device_name(device))

@@ -3,8 +3,9 @@
 A family says where each TransformerLens-style site lives (its *taps*), which linear layers
 activation sparsity rewires (``linears``), where a mixture-of-experts router sits (``router``)
 and which weights read the residual stream (``readers``, for the subspace null-space check).
-``sites.py``, ``sparsify/layout.py``, ``experts.py`` and ``subspace.py`` all look a model up
-here, so adding an architecture is adding one entry: ``register_family(model_type, family)``.
+``sites.py``, ``sparsify/layout.py``, ``intervene/experts.py`` and ``intervene/subspace.py`` all
+look a model up here, so adding an architecture is adding one entry:
+``register_family(model_type, family)``.
 
 A site is a *tap*: the input or output of one module, optionally reshaped by a named view.
 Paths in ``per_layer``, ``linears``, ``router`` and ``readers`` are relative to a decoder layer;

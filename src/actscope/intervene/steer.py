@@ -23,11 +23,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import ActscopeError
-from .hooks import edits, hook_module, hooks
-from .kvcache import cached_length
-from .sites import site_map
-from .trace import trace
+from ..errors import ActscopeError
+from ..hooks import edits, hook_module, hooks
+from ..kvcache import cached_length
+from ..sites import site_map
+from ..trace import trace
 
 POSITIONS = ("all", "prompt", "generated")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import actscope
-from actscope.subspace import null_fraction
+from actscope.intervene.subspace import null_fraction
 
 CLEAN = "the value of the list"
 CORRUPT = "the value of the dict"

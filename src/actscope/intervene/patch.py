@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import ActscopeError
-from .intervene import edits
-from .kvcache import output_cache, with_cache
-from .sites import Site, SiteMap, site_map
-from .trace import trace
+from ..errors import ActscopeError
+from ..hooks import edits
+from ..kvcache import output_cache, with_cache
+from ..sites import Site, SiteMap, site_map
+from ..trace import trace
 
 SHORT_SITES = {
     "resid_pre": "hook_resid_pre",
@@ -62,7 +62,7 @@ class PatchResult:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """``effects.json``, ``effects.png`` and ``effects.svg`` (sites down, positions across), ``effects.html``."""
-        from .report.plots import heatmap_figure, heatmap_svg, heatmap_uri
+        from ..report.plots import heatmap_figure, heatmap_svg, heatmap_uri
 
         import base64
 

@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ActscopeError
-from .families import family_of, linear_weight, reader_weight
-from .intervene import edits
+from ..errors import ActscopeError
+from ..families import family_of, linear_weight, reader_weight
+from ..hooks import edits
 from .patch import Metric, make_metric, normalised
-from .sites import Site, SiteMap, site_map
-from .trace import trace
+from ..sites import Site, SiteMap, site_map
+from ..trace import trace
 
 
 def _readers(model: Any, site: Site, sm: SiteMap) -> torch.Tensor:

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from .errors import ActscopeError
+from ..errors import ActscopeError
 from .patch import PatchResult, make_metric, normalised, sweep
-from .sites import site_map
-from .trace import trace
+from ..sites import site_map
+from ..trace import trace
 
 KINDS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 

@@ -23,10 +23,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import ActscopeError
-from .families import FAMILIES, family_of
-from .hooks import hook_module
-from .sites import site_map
+from ..errors import ActscopeError
+from ..families import FAMILIES, family_of
+from ..hooks import hook_module
+from ..sites import site_map
 
 ExpertSpec = Mapping[int, Sequence[int]] | Sequence[int] | None
 

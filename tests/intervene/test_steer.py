@@ -8,8 +8,8 @@ import torch
 import actscope
 from conftest import require_peer
 from actscope import SteeringVector, steering_vector
-from actscope.steer import ablate_direction
-from actscope.steer_effects import calibrate_scale, kl_steered, steering_effect
+from actscope.intervene.steer import ablate_direction
+from actscope.intervene.steer_effects import calibrate_scale, kl_steered, steering_effect
 
 POS = ["I love this, it is wonderful", "What a great and happy day", "This is excellent work"]
 NEG = ["I hate this, it is awful", "What a terrible and sad day", "This is dreadful work"]
@@ -157,7 +157,7 @@ def test_mean_diff_equals_steering_vectors_package(tiny_llama):
 
 
 def test_top_axis_streams_past_d_rows_into_a_scatter():
-    from actscope.steer import _TopAxis
+    from actscope.intervene.steer import _TopAxis
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(30, 8, generator=g, dtype=torch.float64) * torch.linspace(3, 0.5, 8, dtype=torch.float64) + 0.3

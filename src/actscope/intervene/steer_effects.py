@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .steer import SteeringVector, _encode
-from .trace import trace
+from ..trace import trace
 
 
 def _next_token_logprobs(model: Any, enc: dict) -> torch.Tensor:

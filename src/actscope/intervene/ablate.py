@@ -18,11 +18,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .data import load_tokens
-from .errors import ActscopeError
-from .intervene import edits
-from .sites import Site, site_map
-from .trace import trace
+from ..data import load_tokens
+from ..errors import ActscopeError
+from ..hooks import edits
+from ..sites import Site, site_map
+from ..trace import trace
 
 MODES = ("zero", "mean", "resample")
 

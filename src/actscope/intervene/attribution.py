@@ -18,10 +18,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .hooks import edits, hook_module, hooks
+from ..hooks import edits, hook_module, hooks
 from .patch import Metric, PatchResult, _resolve, make_metric, normalised, patch
-from .sites import Site, site_map
-from .trace import trace
+from ..sites import Site, site_map
+from ..trace import trace
 
 
 @dataclass
@@ -70,7 +70,7 @@ def attribution_patch(
     clean_ids = tokenizer(clean, return_tensors="pt").input_ids.to(model.device)
     corrupt_ids = tokenizer(corrupted, return_tensors="pt").input_ids.to(model.device)
     if clean_ids.shape != corrupt_ids.shape:
-        from .errors import ActscopeError
+        from ..errors import ActscopeError
 
         raise ActscopeError("attribution patching needs prompts of the same length in tokens")
     with torch.inference_mode(), trace(model, resolved) as cache:

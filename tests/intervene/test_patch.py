@@ -10,7 +10,7 @@ import torch
 
 import actscope
 from conftest import require_peer
-from actscope.patch import _patch_hooks, make_metric, patch
+from actscope.intervene.patch import _patch_hooks, make_metric, patch
 from actscope.sites import SiteMap
 
 CLEAN = "the value of the list"
@@ -110,7 +110,7 @@ def test_causal_trace_fast_equals_naive(tiny_llama, kind, window):
 
 
 def test_subject_positions_and_errors(tiny_llama):
-    from actscope.causal import subject_positions
+    from actscope.intervene.causal import subject_positions
 
     _, tok = tiny_llama
     toks = tok.convert_ids_to_tokens(tok(CLEAN).input_ids)
