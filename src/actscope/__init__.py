@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"  # before the imports: submodules read it
 
+import sys
+import types
+
 from .errors import ActscopeError, DataError, ModelLoadError, SiteError, SiteNotFiredError, StoreError
 from .intervene.ablate import ablate, site_mean
 from .intervene.attribution import AttributionResult, attribution_patch
@@ -20,6 +23,23 @@ from .families import Family, register_family
 from .sites import Site, SiteMap, resolve_sites
 from .store.reader import ActivationStore, open_store
 from .trace import ActivationCache, trace
+
+
+class _Package(types.ModuleType):
+    """Keeps ``actscope.patch``, ``actscope.steer`` and ``actscope.ablate`` the functions.
+
+    Importing a submodule sets it as an attribute of its package, so importing an old module
+    path such as ``from actscope.patch import make_metric`` (a shim since the interventions moved
+    to ``actscope.intervene``) would replace the function ``actscope.patch`` by that shim module.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
+            return  # a shim module arriving under a function's name: the function stays
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

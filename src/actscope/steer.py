@@ -1,0 +1,5 @@
+"""Moved to ``actscope.intervene.steer``; this old path re-exports it with a DeprecationWarning."""
+
+from ._moved import moved
+
+moved(__name__, "actscope.intervene.steer", globals())
