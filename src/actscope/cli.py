@@ -64,19 +64,25 @@ def record(
     shard_mb: Annotated[float, typer.Option(
         "--shard-mb", help="target shard size in MiB (at least one batch)")] = 64,
     text_field: TextField = "text",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a store recorded differently")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="start the store afresh (removes only a store's own files)")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="on resume, also check every existing shard's checksums (header and size are always checked)")] = False,
     device: Device = "auto",
 ) -> None:
     """Stream a corpus through the model and write the chosen sites into the store at --out; re-run to resume."""
-    from .models import load_model, parse_dtype
+    from .models import load_model
+    from .record import check_record_args
     from .record import record as run_record
 
-    parse_dtype(dtype)  # fail on a bad dtype before loading anything
+    # bad values fail before the model loads, and never reach a manifest
+    check_record_args(out, sites, seq_len=seq_len, max_tokens=max_tokens, dtype=dtype, batch_size=batch_size,
+                      shard_mb=shard_mb)
     m, tok = load_model(model, device=device_name(device))
     store = run_record(
         m, tok, out, sites, data,
         seq_len=seq_len, max_tokens=max_tokens, dtype=dtype, batch_size=batch_size,
-        shard_mb=shard_mb, overwrite=overwrite, text_field=text_field,
+        shard_mb=shard_mb, overwrite=overwrite, verify=verify, text_field=text_field,
     )
     if store is not None:
         typer.echo(f"store: {out}  ({len(store.sites)} sites x {store.num_tokens} tokens, {store.dtype})")

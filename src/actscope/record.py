@@ -10,7 +10,6 @@ anything runs. Shard k always holds the same tokens, so:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from typing import Any, Iterable
@@ -21,12 +20,17 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import TokenBatches, load_tokens
 from .distributed import Ranks
-from .errors import StoreError
+from .errors import ActscopeError, StoreError
+from .fingerprint import data_fingerprint, model_fingerprint, model_spec  # noqa: F401 (model_fingerprint re-exported)
 from .models import context_length, parse_dtype
 from .sites import Site, site_map
 from .store.fs import TMP_MARK, Location
-from .store.reader import FORMAT, SHARDS, ActivationStore, open_store, read_manifest, shard_index, shard_name
-from .store.writer import BufferPool, PendingShard, ShardWriter, site_entries, write_header_files
+from .store.lock import StoreLock
+from .store.manifest import FORMAT, SHARDS, VERSION, plan_id, read_manifest, shard_name
+from .store.prepare import clear_own_files, decide, existing_manifest, tokens_ok, verify_for_resume
+from .store.reader import ActivationStore, open_store
+from .store.writer import BufferPool, PendingShard, ShardWriter, site_entries, token_file, write_header_files, write_tokens
+from .validate import finite, positive_int, site_patterns
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +42,6 @@ def token_major(site: Site, x: torch.Tensor, batch: int) -> torch.Tensor:
     if x.shape[0] != batch:  # e.g. position embeddings computed once for the whole batch
         x = x.expand(batch, *x.shape[1:])
     return x.flatten(0, 1)
-
-
-def model_fingerprint(model: Any) -> str:
-    """Identify architecture and weights cheaply: parameter shapes plus a sample of values."""
-    h = hashlib.sha256()
-    for i, (name, p) in enumerate(model.named_parameters()):
-        h.update(f"{name}:{tuple(p.shape)};".encode())
-        if i < 4:
-            h.update(p.detach().reshape(-1)[:512].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def data_fingerprint(tokens: TokenBatches) -> str:
-    return hashlib.sha256(tokens.input_ids.numpy().tobytes()).hexdigest()[:16]
 
 
 def probe_shapes(model: Any, sites: list[Site], first: torch.Tensor, seq_len: int) -> dict[str, tuple[int, ...]]:
@@ -88,31 +78,6 @@ def _plan(shapes: dict[str, tuple[int, ...]], itemsize: int, seq_len: int, batch
     return max(batch_size, spb - spb % batch_size)
 
 
-def _check_existing(loc: Location, manifest: dict, existing: dict | None, overwrite: bool) -> dict:
-    """Decide between a fresh store, a resume, or a refusal; returns the manifest to use."""
-    if existing is None:
-        return manifest
-    differs = [
-        what
-        for what, a, b in [
-            ("model", existing["model"]["fingerprint"], manifest["model"]["fingerprint"]),
-            ("sites", existing["sites"], manifest["sites"]),
-            ("dtype", existing["dtype"], manifest["dtype"]),
-            ("seq_len", existing["seq_len"], manifest["seq_len"]),
-            ("data", existing["data"]["fingerprint"], manifest["data"]["fingerprint"]),
-        ]
-        if a != b
-    ]
-    if not differs:  # resume: keep the shard plan the store was started with
-        return existing
-    if not overwrite:
-        raise StoreError(
-            f"{loc.url} already holds a store recorded with other {', '.join(differs)}; "
-            "choose another --out or pass --overwrite to replace it"
-        )
-    return manifest
-
-
 def _check_fired_once(fired: dict[str, int], n_batches: int) -> None:
     for name, count in fired.items():
         if count != n_batches:
@@ -120,12 +85,6 @@ def _check_fired_once(fired: dict[str, int], n_batches: int) -> None:
                 f"site {name} fired {count} times in {n_batches} forward passes; "
                 "recording needs exactly one activation per token"
             )
-
-
-def _clear(loc: Location) -> None:
-    """Remove a store's own files (manifest first, so a half-cleared folder is not a store)."""
-    for rel in ("manifest.json", "tokens.safetensors", SHARDS):
-        loc.remove(rel)
 
 
 def record(
@@ -141,6 +100,7 @@ def record(
     batch_size: int = 8,
     shard_mb: float = 64,
     overwrite: bool = False,
+    verify: bool = False,
     progress: bool = True,
     text_field: str = "text",
     fsync: bool = True,
@@ -149,13 +109,18 @@ def record(
     """Record ``sites`` of ``model`` over ``data`` into the store at ``out`` and return it.
 
     Re-running with the same arguments resumes an interrupted run; the result equals an
-    uninterrupted run exactly. Returns the opened store (``None`` on non-zero ranks).
+    uninterrupted run exactly (at the same thread count). A resume checks every existing shard's
+    header and size, and with ``verify`` its checksums too, and rewrites what fails.
+    ``overwrite`` always starts afresh, removing only the store's own files. Returns the opened
+    store (``None`` on non-zero ranks).
     """
+    check_record_args(out, sites, seq_len=seq_len, max_tokens=max_tokens, dtype=dtype, batch_size=batch_size,
+                      shard_mb=shard_mb)
     ranks = Ranks.from_env()
     ok = False
     try:
         store = _record(model, tokenizer, sites, data, out, ranks, seq_len=seq_len, batch_size=batch_size,
-                        max_tokens=max_tokens, dtype=dtype, shard_mb=shard_mb, overwrite=overwrite,
+                        max_tokens=max_tokens, dtype=dtype, shard_mb=shard_mb, overwrite=overwrite, verify=verify,
                         progress=progress, text_field=text_field, fsync=fsync, tokens=tokens)
         ok = True
         return store
@@ -163,10 +128,65 @@ def record(
         ranks.close(wait=ok)  # a failed rank must not wait for peers that may never arrive
 
 
+def check_record_args(out: Any, sites: Any, *, seq_len: Any, max_tokens: Any, dtype: Any, batch_size: Any,
+                      shard_mb: Any) -> None:
+    """Refuse bad arguments before anything is loaded or written (a bad value must never reach a manifest)."""
+    import os
+
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise ActscopeError(f"out must be a folder path or URL, got {out!r}")
+    site_patterns(sites)
+    positive_int("--seq-len", seq_len)
+    positive_int("--max-tokens", max_tokens, allow_none=True)
+    positive_int("--batch-size", batch_size)
+    finite("--shard-mb", shard_mb, positive=True)
+    parse_dtype(dtype)
+
+
+def _manifest(model: Any, tokens: TokenBatches, shapes: dict, dtype: str, spb: int, batch_size: int,
+              token_entry: dict) -> dict:
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "actscope_version": __version__,
+        "model": model_spec(model),
+        "sites": site_entries(shapes, dtype),
+        "dtype": dtype,
+        "seq_len": tokens.seq_len,
+        "num_sequences": tokens.num_sequences,
+        "sequences_per_shard": spb,
+        "batch_size": batch_size,  # a resumed run keeps the original batches, so the values match
+        "num_shards": math.ceil(tokens.num_sequences / spb),
+        "data": {"source": tokens.source, "fingerprint": data_fingerprint(tokens)},
+        "tokens": token_entry,
+        # float reductions on CPU split work by thread: another count may change the last bits
+        "threads": torch.get_num_threads(),
+    }
+    manifest["plan_id"] = plan_id(manifest)
+    return manifest
+
+
+def _prepare(loc: Location, manifest: dict, token_bytes: bytes, overwrite: bool) -> dict:
+    """Rank 0, lock held: make the folder a fresh store or check it for a resume; the manifest to use."""
+    existing = existing_manifest(loc, overwrite)
+    if decide(loc, manifest, existing, overwrite):
+        clear_own_files(loc)
+        write_header_files(loc, manifest, token_bytes)
+        return manifest
+    assert existing is not None
+    if existing.get("threads") not in (None, manifest["threads"]):
+        log.warning("resuming a store recorded with %s threads on %s threads: values may differ in the last bits "
+                    "between the old and the new shards", existing["threads"], manifest["threads"])
+    if not tokens_ok(loc, existing):
+        log.warning("%s: the token file is damaged; rewriting it", loc.url)
+        write_tokens(loc, token_bytes)
+    return existing  # resume: keep the shard plan the store was started with
+
+
 def _record(
     model: Any, tokenizer: Any, sites: str | Iterable[str], data: Any, out: str, ranks: Ranks, *,
     seq_len: int, batch_size: int, max_tokens: int | None, dtype: str, shard_mb: float, overwrite: bool,
-    progress: bool, text_field: str, fsync: bool, tokens: TokenBatches | None,
+    verify: bool, progress: bool, text_field: str, fsync: bool, tokens: TokenBatches | None,
 ) -> ActivationStore | None:
     store_dtype = parse_dtype(dtype)
     assert store_dtype is not None
@@ -179,37 +199,26 @@ def _record(
     shapes = probe_shapes(model, resolved, tokens.input_ids[:1, :8], tokens.seq_len)
     itemsize = torch.empty((), dtype=store_dtype).element_size()
     spb = _plan(shapes, itemsize, seq_len, batch_size, shard_mb)
-    manifest = {
-        "format": FORMAT,
-        "version": 1,
-        "actscope_version": __version__,
-        "model": {
-            "name": getattr(model, "actscope_name", None) or getattr(model, "name_or_path", ""),
-            "model_type": getattr(model.config, "model_type", "unknown"),
-            "fingerprint": model_fingerprint(model),
-        },
-        "sites": site_entries(shapes, dtype),
-        "dtype": dtype,
-        "seq_len": tokens.seq_len,
-        "num_sequences": tokens.num_sequences,
-        "sequences_per_shard": spb,
-        "batch_size": batch_size,  # a resumed run keeps the original batches, so the values match
-        "num_shards": math.ceil(tokens.num_sequences / spb),
-        "data": {"source": tokens.source, "fingerprint": data_fingerprint(tokens)},
-    }
+    token_bytes, token_entry = token_file(tokens.input_ids, tokens.doc_ids)
+    manifest = _manifest(model, tokens, shapes, dtype, spb, batch_size, token_entry)
     loc = Location(out, fsync=fsync)
-    manifest = _check_existing(loc, manifest, read_manifest(loc), overwrite)
-    fresh = read_manifest(loc) != manifest
-    if ranks.rank == 0:
-        try:
-            if fresh:
-                _clear(loc)
-                write_header_files(loc, manifest, tokens.input_ids, tokens.doc_ids)
-        finally:
-            ranks.share_status(read_manifest(loc) == manifest)
-    else:
-        ranks.share_status(True)
-    _record_shards(model, resolved, tokens, loc, manifest, store_dtype, manifest["batch_size"], ranks, progress)
+    lock = StoreLock(loc)
+    try:
+        if ranks.rank == 0:
+            ok = False
+            try:
+                lock.acquire()
+                manifest = _prepare(loc, manifest, token_bytes, overwrite)
+                ok = True
+            finally:
+                ranks.share_status(ok)
+        else:
+            ranks.share_status(True)
+            manifest = read_manifest(loc) or manifest
+        _record_shards(model, resolved, tokens, loc, manifest, store_dtype, manifest["batch_size"], ranks, progress,
+                       verify)
+    finally:
+        lock.release()
     return open_store(out) if ranks.rank == 0 else None
 
 
@@ -223,14 +232,15 @@ def _record_shards(
     batch_size: int,
     ranks: Ranks,
     progress: bool,
+    verify: bool,
 ) -> None:
     from .trace import eager_attention, trace
 
     spb, n_shards, seq_len = manifest["sequences_per_shard"], manifest["num_shards"], manifest["seq_len"]
     mine = ranks.block(n_shards)
-    done = {shard_index(n) for n in loc.listdir(SHARDS)}
     owned = {shard_name(k) for k in mine}
     loc.remove_stale_tmp(SHARDS, owned=lambda name: name.split(TMP_MARK)[0] in owned)
+    done = verify_for_resume(loc, manifest, mine, verify)
     todo = [k for k in mine if k not in done]
     n_tok = lambda k: (min((k + 1) * spb, tokens.num_sequences) - k * spb) * seq_len  # noqa: E731
     bar = tqdm(
@@ -253,7 +263,7 @@ def _record_shards(
         buf.copy_(y)  # converts dtype and device in one pass
         buffers[site.name].append(buf)
 
-    writer = ShardWriter(loc, pool=pool)
+    writer = ShardWriter(loc, manifest.get("plan_id", ""), pool=pool)
     ok = False
     try:
         # attention patterns need eager attention: switch once here, not in every batch's trace

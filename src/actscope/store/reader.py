@@ -12,61 +12,89 @@ each (shard, site) is checked against its checksum the first time it is read.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
+import os
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import StoreError
+from ..errors import ActscopeError, StoreError
 from .fs import Location
-from .shard import TensorEntry, checksum, parse_header
+from .manifest import (FORMAT, MANIFEST, SHARDS, TOKENS, read_manifest, shard_index,  # noqa: F401 (re-exported)
+                       shard_name)
+from .shard import DTYPE_CODES, TensorEntry, checksum, parse_header
 
-MANIFEST = "manifest.json"
-TOKENS = "tokens.safetensors"
-SHARDS = "shards"
-FORMAT = "actscope.store"
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.safetensors"
+__all__ = ["ActivationStore", "open_store", "read_manifest", "shard_name", "shard_index", "check_shard",
+           "read_shard_header", "FORMAT", "MANIFEST", "SHARDS", "TOKENS"]
 
 
-def shard_index(name: str) -> int | None:
-    if name.startswith("shard-") and name.endswith(".safetensors"):
-        try:
-            return int(name[6:-12])
-        except ValueError:
-            return None
-    return None
+def shard_rows(manifest: dict, index: int) -> tuple[int, int]:
+    """The sequences ``[start, stop)`` that shard ``index`` holds under the manifest's plan."""
+    spb = manifest["sequences_per_shard"]
+    return index * spb, min((index + 1) * spb, manifest["num_sequences"])
 
 
-def read_manifest(loc: Location) -> dict | None:
-    if not loc.exists(MANIFEST):
-        return None
+def read_shard_header(loc: Location, rel: str) -> tuple[dict[str, TensorEntry], dict, int]:
+    """Parse a shard's header (entries, metadata) and return the file size with it."""
+    source = loc.path(rel)
     try:
-        manifest = json.loads(loc.read_bytes(MANIFEST))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise StoreError(f"{loc.path(MANIFEST)}: corrupted manifest (not JSON)") from None
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{loc.url} is not an actscope store (manifest format {manifest.get('format')!r})")
-    return manifest
+        size = os.path.getsize(source) if loc.local else int(loc.fs.size(source))
+        head = loc.read_range(rel, 0, 8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        head += loc.read_range(rel, 8, min(n, 100_000_000))
+    except OSError as exc:
+        raise StoreError(f"{source}: unreadable shard ({exc.strerror or exc})") from None
+    entries, meta, _ = parse_header(head, source)
+    return entries, meta, size
+
+
+def check_shard(entries: dict[str, TensorEntry], meta: dict, size: int, manifest: dict, index: int,
+                source: str) -> None:
+    """Check a shard header against the manifest: plan, sequence range, sites, dtype, shapes, size.
+
+    The header is only trusted where it agrees with the manifest: an edited dtype or shape would
+    otherwise reinterpret the bytes with a matching checksum.
+    """
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{source}: {what}; delete the shard and re-run `actscope record` on this folder "
+                          "to rewrite it")
+
+    if "plan_id" in manifest and meta.get("plan") != manifest["plan_id"]:
+        raise bad("written under another plan (another model, corpus or run) than this store's manifest")
+    start, stop = shard_rows(manifest, index)
+    if (meta.get("shard"), meta.get("seq_start"), meta.get("seq_end")) != (index, start, stop):
+        raise bad(f"header says shard {meta.get('shard')!r}, sequences {meta.get('seq_start')!r}-"
+                  f"{meta.get('seq_end')!r}; the manifest expects shard {index}, sequences {start}-{stop}")
+    sites = manifest["sites"]
+    if set(entries) != set(sites):
+        raise bad(f"holds sites {sorted(entries)[:3]}..., not the manifest's")
+    dtype = _torch_dtype(manifest["dtype"])
+    rows = (stop - start) * manifest["seq_len"]
+    for name, entry in entries.items():
+        if entry.dtype != dtype or entry.shape != (rows, *sites[name]["shape"]):
+            raise bad(f"tensor {name!r} is {DTYPE_CODES[entry.dtype]} {list(entry.shape)}, the manifest says "
+                      f"{DTYPE_CODES[dtype]} {[rows, *sites[name]['shape']]}")
+    end = max((e.end for e in entries.values()), default=0)
+    if size != end:
+        raise bad(f"{'truncated' if size < end else 'extra bytes'}: {size} bytes, the header needs {end}")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 class _Shard:
-    """One shard file: its header, lazily memory-mapped data, and which tensors were verified."""
+    """One shard file: its header (checked against the manifest), lazily memory-mapped data, and
+    which tensors were verified."""
 
-    def __init__(self, loc: Location, index: int):
+    def __init__(self, loc: Location, index: int, manifest: dict):
         self.loc = loc
         self.rel = f"{SHARDS}/{shard_name(index)}"
         self.source = loc.path(self.rel)
-        head = loc.read_range(self.rel, 0, 8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        head += loc.read_range(self.rel, 8, min(n, 100_000_000))
-        self.entries, self.meta, _ = parse_header(head, self.source)
+        self.entries, self.meta, size = read_shard_header(loc, self.rel)
+        check_shard(self.entries, self.meta, size, manifest, index, self.source)
         self._map: np.ndarray | None = None
         self.verified: set[str] = set()
 
@@ -87,7 +115,7 @@ class _Shard:
         entry = self.entries[name]
         raw = self._bytes(entry)
         if verify and name not in self.verified:
-            if entry.checksum is not None and checksum(raw) != entry.checksum:
+            if checksum(raw) != entry.checksum:
                 raise StoreError(
                     f"{self.source}: checksum mismatch in {name!r}: the shard is corrupted; "
                     "delete it and re-run `actscope record` on this folder to rewrite it"
@@ -120,6 +148,8 @@ class ActivationStore:
             )
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._max_open = max_open
+        if verify:
+            self._token_bytes()  # a flipped bit in a token id is an error here, not a wrong id later
 
     # --- metadata -----------------------------------------------------------------------
     @property
@@ -158,11 +188,26 @@ class ActivationStore:
         """``[num_sequences, seq_len]`` document index of each token (sequence boundaries)."""
         return self._tokens("doc_ids")
 
+    def _token_bytes(self) -> bytes:
+        """The token file's bytes, checked against the manifest's checksum (version 2 stores)."""
+        where = self.loc.path(TOKENS)
+        try:
+            data = self.loc.read_bytes(TOKENS)
+        except (OSError, FileNotFoundError) as exc:
+            raise StoreError(f"{where}: unreadable ({exc.strerror or exc}); re-run `actscope record` on this "
+                             "folder to rewrite it") from None
+        expected = self.manifest.get("tokens")
+        if expected is not None and (len(data) != expected["bytes"] or checksum(data) != expected["xxh3_64"]):
+            raise StoreError(f"{where}: checksum mismatch (the token file is corrupted or truncated); re-run "
+                             "`actscope record` on this folder to rewrite it")
+        return data
+
     def _tokens(self, name: str) -> torch.Tensor:
         from safetensors.torch import load
 
+        data = self._token_bytes()
         try:
-            return load(self.loc.read_bytes(TOKENS))[name]
+            return load(data)[name]
         except Exception as exc:
             raise StoreError(f"{self.loc.path(TOKENS)}: unreadable ({type(exc).__name__})") from None
 
@@ -170,7 +215,7 @@ class ActivationStore:
     def _shard(self, index: int) -> _Shard:
         if index in self.missing_shards:
             raise StoreError(f"{self.loc.url}: shard {index} was not recorded (incomplete store)")
-        shard = self._open.pop(index, None) or _Shard(self.loc, index)
+        shard = self._open.pop(index, None) or _Shard(self.loc, index, self.manifest)
         self._open[index] = shard
         while len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -214,7 +259,12 @@ class ActivationStore:
         every token exactly once. With several sites, yields ``{site: tensor}`` rows that
         belong to the same tokens.
         """
+        for what, value in (("batch_size", batch_size), ("buffer_shards", buffer_shards)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ActscopeError(f"iter_batches: {what} must be a positive integer, got {value!r}")
         names = [sites] if isinstance(sites, str) else list(sites)
+        if not names:
+            raise ActscopeError("iter_batches: no sites given")
         for name in names:
             self._site(name)
         gen = torch.Generator().manual_seed(seed)

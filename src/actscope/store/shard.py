@@ -10,6 +10,7 @@ CRC32, which matters because the writer shares the CPU with the model.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Sequence
@@ -97,7 +98,9 @@ def write_shard(
 def parse_header(head: bytes, source: str) -> tuple[dict[str, TensorEntry], dict, int]:
     """Parse a shard header from its first bytes; returns (entries, metadata, header_end).
 
-    ``head`` must hold at least the 8-byte length and the JSON header.
+    ``head`` must hold at least the 8-byte length and the JSON header. Any damage (bad JSON,
+    bad UTF-8, a missing field, an unknown dtype, offsets that do not tile the data section) is
+    a ``StoreError``: a header is data read from disk, not something to trust.
     """
     from ..errors import StoreError
 
@@ -108,14 +111,24 @@ def parse_header(head: bytes, source: str) -> tuple[dict[str, TensorEntry], dict
         raise StoreError(f"{source}: corrupted shard header (length {n})")
     try:
         header = json.loads(head[8 : 8 + n])
-        meta = json.loads(header.pop("__metadata__", {}).get(META_KEY, "{}"))
-    except (json.JSONDecodeError, AttributeError):
-        raise StoreError(f"{source}: corrupted shard header (not JSON)") from None
-    sums = meta.get("xxh3_64", {})
-    entries = {}
-    for name, info in header.items():
-        b, e = info["data_offsets"]
-        entries[name] = TensorEntry(
-            CODE_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e, sums.get(name)
-        )
+        meta = json.loads(header.pop("__metadata__")[META_KEY])
+        sums = meta["xxh3_64"]
+        entries = {}
+        for name, info in header.items():
+            b, e = info["data_offsets"]
+            shape = tuple(info["shape"])
+            dtype = CODE_DTYPES[info["dtype"]]
+            if not all(type(d) is int and d >= 0 for d in (*shape, b, e)) or not isinstance(sums[name], str):
+                raise ValueError(name)
+            if e - b != math.prod(shape) * dtype.itemsize:
+                raise ValueError(name)
+            entries[name] = TensorEntry(dtype, shape, 8 + n + b, 8 + n + e, sums[name])
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):  # ValueError covers bad JSON and UTF-8
+        raise StoreError(f"{source}: corrupted shard header; delete the shard and re-run `actscope record` "
+                         "on this folder to rewrite it") from None
+    end = 8 + n
+    for entry in sorted(entries.values(), key=lambda t: t.begin):  # tensors tile the data section
+        if entry.begin != end:
+            raise StoreError(f"{source}: corrupted shard header (tensor offsets overlap or leave gaps)")
+        end = entry.end
     return entries, meta, 8 + n

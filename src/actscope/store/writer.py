@@ -21,8 +21,8 @@ from safetensors.torch import save as save_safetensors
 
 from ..errors import StoreError
 from .fs import Location
-from .reader import MANIFEST, SHARDS, TOKENS, shard_name
-from .shard import write_shard
+from .manifest import MANIFEST, SHARDS, TOKENS, shard_name
+from .shard import checksum, write_shard
 
 
 class BufferPool:
@@ -73,21 +73,26 @@ def write_json(loc: Location, rel: str, payload: dict) -> None:
         raise _explain(exc, loc.path(rel)) from None
 
 
-def write_tokens(loc: Location, input_ids: torch.Tensor, doc_ids: torch.Tensor) -> None:
+def token_file(input_ids: torch.Tensor, doc_ids: torch.Tensor) -> tuple[bytes, dict]:
+    """The token file's bytes and the manifest entry that lets a reader verify them."""
     data = save_safetensors({"input_ids": input_ids.contiguous(), "doc_ids": doc_ids.contiguous()})
+    return data, {"xxh3_64": checksum(data), "bytes": len(data)}
+
+
+def write_tokens(loc: Location, data: bytes) -> None:
     try:
         loc.write_atomic(TOKENS, lambda f: f.write(data))
     except OSError as exc:
         raise _explain(exc, loc.path(TOKENS)) from None
 
 
-def write_header_files(loc: Location, manifest: dict, input_ids: torch.Tensor, doc_ids: torch.Tensor) -> None:
+def write_header_files(loc: Location, manifest: dict, tokens: bytes) -> None:
     """Create the store folder: tokens first, manifest last (the manifest marks a store)."""
     try:
         loc.makedirs(SHARDS)
     except OSError as exc:
         raise _explain(exc, loc.url) from None
-    write_tokens(loc, input_ids, doc_ids)
+    write_tokens(loc, tokens)
     write_json(loc, MANIFEST, manifest)
 
 
@@ -95,8 +100,9 @@ class ShardWriter:
     """Background writer: ``submit`` shards, ``close`` to wait; write errors surface on the
     caller's thread at the next ``submit`` or at ``close``."""
 
-    def __init__(self, loc: Location, depth: int = 2, pool: BufferPool | None = None):
+    def __init__(self, loc: Location, plan: str, depth: int = 2, pool: BufferPool | None = None):
         self.loc = loc
+        self.plan = plan  # every shard carries its plan id, so a shard of another plan is never read as ours
         self.pool = pool
         self._queue: queue.Queue[PendingShard | None] = queue.Queue(maxsize=depth)
         self._error: StoreError | None = None
@@ -118,7 +124,7 @@ class ShardWriter:
                 self._error = exc if isinstance(exc, StoreError) else _explain(exc, f"shard {item.index}")
 
     def write(self, item: PendingShard) -> None:
-        meta = {"seq_start": item.seq_start, "seq_end": item.seq_end, "shard": item.index}
+        meta = {"seq_start": item.seq_start, "seq_end": item.seq_end, "shard": item.index, "plan": self.plan}
         rel = f"{SHARDS}/{shard_name(item.index)}"
         self.loc.write_atomic(rel, lambda f: write_shard(f, item.tensors, meta))
 
