@@ -20,6 +20,15 @@ from .store.reader import ActivationStore, open_store
 from .trace import ActivationCache, trace
 
 
+def __getattr__(name: str):
+    """``actscope.compare`` is imported on first use: it is not needed to record or scan."""
+    if name == "compare":
+        import importlib
+
+        return importlib.import_module(".compare", __name__)
+    raise AttributeError(f"module 'actscope' has no attribute {name!r}")
+
+
 __all__ = [
     "ActivationCache",
     "ActivationStore",
@@ -43,6 +52,7 @@ __all__ = [
     "AttributionResult",
     "attribution_patch",
     "causal_trace",
+    "compare",
     "DataError",
     "ModelLoadError",
     "Site",
