@@ -8,10 +8,18 @@ himalaya, scikit-learn) in the tests. Conventions are stated in each module and 
 from .cka import (OutlierReport, OutlierWarning, cka, cka_angle, cka_distance, cka_gram, center_gram,
                   gram_linear, gram_rbf, minibatch_cka, outlier_report)
 from .cka_matrix import CKAResult, stream_cka
+from .encoding import RidgeEncoder, contiguous_folds, group_folds, pearson_r
+from .encode_layers import EncodingResult, encode_layers
+from .features import (ceiling_r, delay_features, doc_units, explainable_variance, normalize_by_ceiling,
+                       pool_features, tr_units, word_units, zscore_runs)
+from .synthetic import SyntheticFMRI, double_gamma_hrf, synthetic_fmri
 from .rsa import RSAComparison, bootstrap_compare, compare_rdms, noise_ceiling, rdm
 
 __all__ = [
     "CKAResult", "OutlierReport", "OutlierWarning", "center_gram", "cka", "cka_angle", "cka_distance",
     "cka_gram", "gram_linear", "gram_rbf", "minibatch_cka", "outlier_report", "stream_cka",
     "RSAComparison", "bootstrap_compare", "compare_rdms", "noise_ceiling", "rdm",
+    "RidgeEncoder", "contiguous_folds", "group_folds", "pearson_r", "EncodingResult", "encode_layers",
+    "ceiling_r", "delay_features", "doc_units", "explainable_variance", "normalize_by_ceiling", "pool_features",
+    "tr_units", "word_units", "zscore_runs", "SyntheticFMRI", "double_gamma_hrf", "synthetic_fmri",
 ]
