@@ -13,6 +13,8 @@ from .encode_layers import EncodingResult, encode_layers
 from .features import (ceiling_r, delay_features, doc_units, explainable_variance, normalize_by_ceiling,
                        pool_features, tr_units, word_units, zscore_runs)
 from .synthetic import SyntheticFMRI, double_gamma_hrf, synthetic_fmri
+from .probe import LinearProbe, control_labels, kfold_score, online_codelength
+from .probe_layers import Labels, ProbeResult, load_labels, probe_layers
 from .rsa import RSAComparison, bootstrap_compare, compare_rdms, noise_ceiling, rdm
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "RidgeEncoder", "contiguous_folds", "group_folds", "pearson_r", "EncodingResult", "encode_layers",
     "ceiling_r", "delay_features", "doc_units", "explainable_variance", "normalize_by_ceiling", "pool_features",
     "tr_units", "word_units", "zscore_runs", "SyntheticFMRI", "double_gamma_hrf", "synthetic_fmri",
+    "LinearProbe", "control_labels", "kfold_score", "online_codelength", "Labels", "ProbeResult", "load_labels",
+    "probe_layers",
 ]
