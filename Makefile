@@ -74,6 +74,7 @@ bench: install
 	$(PY) bench/sparsify.py
 	$(PY) bench/sparsify.py --dtype bfloat16 --speed-only --methods teal,wina,cats,coreinfer
 	$(PY) bench/wina_rotation.py
+	$(PY) bench/compare.py
 	$(PY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && $(PY) bench/sparsify_gpu.py || echo 'no CUDA GPU: bench/sparsify_gpu.py skipped'
 
 clean:

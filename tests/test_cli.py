@@ -251,6 +251,9 @@ TAKES = {  # command -> the shared options it takes
     "causal-trace": ["model", "out", "device", "prompt"],
     "sparsify calibrate": ["model", "data", "out", "device", "seq_len", "max_tokens", "batch_size"],
     "sparsify eval": ["model", "data", "out", "device", "seq_len", "batch_size"],
+    "compare cka": ["out", "max_tokens"],
+    "compare encode": ["out"],
+    "compare probe": ["out"],
 }
 
 

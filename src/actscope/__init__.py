@@ -42,6 +42,15 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
+def __getattr__(name: str):
+    """``actscope.compare`` is imported on first use: it is not needed to record or scan."""
+    if name == "compare":
+        import importlib
+
+        return importlib.import_module(".compare", __name__)
+    raise AttributeError(f"module 'actscope' has no attribute {name!r}")
+
+
 __all__ = [
     "ActivationCache",
     "edit",
@@ -66,6 +75,7 @@ __all__ = [
     "AttributionResult",
     "attribution_patch",
     "causal_trace",
+    "compare",
     "DataError",
     "Family",
     "ModelLoadError",

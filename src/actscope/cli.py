@@ -326,6 +326,10 @@ from .cli_sparsify import sparsify_app  # noqa: E402  (sub-commands live in thei
 
 app.add_typer(sparsify_app, name="sparsify")
 
+from .cli_compare import compare_app  # noqa: E402
+
+app.add_typer(compare_app, name="compare")
+
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="actscope: %(message)s")
