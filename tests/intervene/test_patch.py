@@ -96,7 +96,7 @@ def test_kl_metric_is_zero_for_the_clean_run(tiny_llama):
     assert float(res.effect[-1, -1]) == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("kind, window", [("resid", 1), ("mlp", 2)])
+@pytest.mark.parametrize("kind, window", [("resid_post", 1), ("mlp_out", 2)])
 def test_causal_trace_fast_equals_naive(tiny_llama, kind, window):
     model, tok = tiny_llama
     kw = dict(kind=kind, window=window, samples=3, seed=1)
@@ -105,7 +105,7 @@ def test_causal_trace_fast_equals_naive(tiny_llama, kind, window):
     torch.testing.assert_close(fast.patched, naive.patched, rtol=1e-4, atol=1e-6)
     assert fast.effect.shape == (2, len(fast.positions))
     # restoring the residual after the last layer at the last position restores the clean output
-    if kind == "resid":
+    if kind == "resid_post":
         assert float(fast.patched[-1, -1]) == pytest.approx(fast.clean, rel=1e-4)
 
 

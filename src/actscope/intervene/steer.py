@@ -28,6 +28,8 @@ from ..hooks import edits, hook_module, hooks
 from ..kvcache import cached_length
 from ..sites import site_map
 from ..trace import trace
+from .edits import add, bind, project_out
+from .prompts import encode_batch
 
 POSITIONS = ("all", "prompt", "generated")
 
@@ -182,26 +184,16 @@ def steer(model: Any, vectors: Mapping[int | str, torch.Tensor], scale: float = 
             raise ActscopeError(f"the vector for {key!r} holds NaN or infinite values")
     tracker = _PositionTracker()
 
-    def make(key: int | str, vec: torch.Tensor):
-        def add(hidden: torch.Tensor) -> torch.Tensor:
-            trailing = hidden.shape[2:]
-            if vec.numel() != trailing.numel():
-                raise ActscopeError(f"the vector for {key!r} has {vec.numel()} values; the site's tensor has "
-                                    f"{tuple(trailing)} per token")
-            delta = (scale * vec).to(hidden.dtype).to(hidden.device).reshape(trailing)
-            if positions == "all":
-                return hidden + delta
-            T = hidden.shape[1]
-            pos = torch.arange(tracker.offset, tracker.offset + T, device=hidden.device)
-            limit = tracker.prompt_len or 0
-            mask = (pos < limit) if positions == "prompt" else (pos >= limit)
-            if not bool(mask.any()):
-                return hidden
-            return hidden + mask.view(1, T, *([1] * len(trailing))).to(hidden.dtype) * delta
+    def in_scope(hidden: torch.Tensor) -> torch.Tensor | None:
+        """The steered positions of this forward pass, counted through the KV cache."""
+        if positions == "all":
+            return None
+        pos = torch.arange(tracker.offset, tracker.offset + hidden.shape[1], device=hidden.device)
+        limit = tracker.prompt_len or 0
+        return (pos < limit) if positions == "prompt" else (pos >= limit)
 
-        return add
-
-    pairs = [(targets[k], make(k, v)) for k, v in vectors.items() if scale != 0]
+    where = None if positions == "all" else in_scope
+    pairs = [bind(targets[k], add(v, scale=scale, positions=where)) for k, v in vectors.items() if scale != 0]
     with hooks([lambda: hook_module(model, tracker.pre_hook, when="before")]), edits(model, pairs):
         yield
 
@@ -212,34 +204,16 @@ def ablate_direction(model: Any, direction: torch.Tensor) -> Iterator[None]:
 
     Applied to the embedding output and every layer's output, so no layer reads the direction.
     """
-    r = direction.float() / direction.float().norm().clamp_min(1e-12)
     sm = site_map(model)
     names = (["hook_embed"] if "hook_embed" in sm.sites else []) + [f"blocks.{l}.hook_resid_post" for l in range(sm.n_layers)]
-    targets = [sm.sites[n] for n in names]
-
-    def project_out(hidden: torch.Tensor) -> torch.Tensor:
-        rr = r.to(hidden.dtype).to(hidden.device)
-        return hidden - (hidden @ rr).unsqueeze(-1) * rr
-
-    with edits(model, [(site, project_out) for site in targets]):
+    remove = project_out(direction)
+    with edits(model, [bind(sm.sites[n], remove) for n in names]):
         yield
 
 
 def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def _encode(tokenizer: Any, texts: Sequence[str], device: Any) -> dict:
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "right"  # last real token = mask.sum() - 1
-    try:
-        enc = tokenizer(list(texts), return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = old
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
 def _read(h: torch.Tensor, mask: torch.Tensor, position: str | int) -> torch.Tensor:
@@ -316,7 +290,7 @@ def steering_vector(
     axes = {l: _TopAxis() for l in layer_ids}
 
     def read_batch(texts: Sequence[str]) -> dict[int, torch.Tensor]:
-        enc = _encode(tokenizer, texts, model.device)
+        enc = encode_batch(tokenizer, texts, model.device)
         with torch.inference_mode(), trace(model, sites, stop=True) as cache:  # later layers are not needed
             model(**enc, use_cache=False)
         return {l: _read(cache[s], enc["attention_mask"], position).double().cpu() for l, s in zip(layer_ids, sites)}

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .steer import SteeringVector, _encode
+from .prompts import encode_batch
+from .steer import SteeringVector
 from ..trace import trace
 
 
@@ -28,7 +29,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 def kl_steered(model: Any, tokenizer: Any, vector: SteeringVector, prompts: Sequence[str], scale: float) -> float:
     """Mean ``KL(p_steered || p)`` over every real token of ``prompts``, in nats."""
-    enc = _encode(tokenizer, prompts, model.device)
+    enc = encode_batch(tokenizer, prompts, model.device)
     base = _next_token_logprobs(model, enc)
     with vector.apply(model, scale):
         steered = _next_token_logprobs(model, enc)
@@ -78,7 +79,7 @@ def steering_effect(
     positions: str = "all",
 ) -> dict:
     """KL, entropy, projection shift and a before/after generation table for ``prompts``."""
-    enc = _encode(tokenizer, prompts, model.device)
+    enc = encode_batch(tokenizer, prompts, model.device)
     mask = enc["attention_mask"]
     sites = [f"blocks.{l}.hook_resid_post" for l in vector.layers]
     unit = {l: v.float() / v.float().norm().clamp_min(1e-12) for l, v in vector.directions.items()}
