@@ -18,6 +18,8 @@ import typer
 from .cli_options import (BatchSize, Data, Device, MaxTokens, Model, Out, Prompt, SeqLen, TextField, deprecated,
                           device_name, split_list)
 from .errors import ActscopeError
+from .intervene.metrics import METRICS
+from .intervene.sites import OLD_KINDS, shorthands
 from .validate import finite, positive_int
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
@@ -279,8 +281,8 @@ def patch(
     out: Out = "runs/patch",
     model: Model = "default",
     sites: Annotated[List[str], typer.Option(
-        "--sites", help="resid_pre, resid_post, attn_out, mlp_out or a site name; repeat for several")] = ["resid_pre"],
-    metric: Annotated[str, typer.Option("--metric", help="logit_diff or prob")] = "logit_diff",
+        "--sites", help=f"{shorthands()} (every layer), or a site name or glob; repeat for several")] = ["resid_pre"],
+    metric: Annotated[str, typer.Option("--metric", help=" or ".join(METRICS))] = "logit_diff",
     device: Device = "auto",
 ) -> None:
     """Activation patching over every (site, position): writes effects.json and effects.png to --out."""
@@ -311,7 +313,8 @@ def causal_trace_cmd(
     target: Annotated[str, typer.Option("--target", help="the answer token, e.g. ' Paris'")],
     out: Out = "runs/trace",
     model: Model = "default",
-    kind: Annotated[str, typer.Option("--kind", help="what is restored: resid, mlp or attn")] = "resid",
+    kind: Annotated[str, typer.Option(
+        "--kind", help=f"what is restored at every layer: {shorthands()}")] = "resid_post",
     window: Annotated[int, typer.Option(
         "--window", help="restore this many neighbouring layers together")] = 1,
     samples: Annotated[int, typer.Option("--samples", help="noise draws averaged")] = 10,
@@ -327,6 +330,9 @@ def causal_trace_cmd(
             raise ActscopeError(f"{name} is empty")
     positive_int("--window", window)
     positive_int("--samples", samples)
+    if kind in OLD_KINDS:
+        deprecated(f"--kind {kind}", f"--kind {OLD_KINDS[kind]}")
+        kind = OLD_KINDS[kind]
     m, tok = load_model(model, device=device_name(device))
     res = causal_trace(m, tok, prompt, subject, target, kind=kind, window=window, samples=samples)
     folder = res.save(out)

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import ActscopeError
+from ..validate import positive_int, text_list
 from ..hooks import edits, hook_module, hooks
 from ..kvcache import cached_length
 from ..sites import site_map
@@ -69,10 +70,14 @@ class SteeringVector:
         try:
             tensors = load_file(folder / "vectors.safetensors")
             config = json.loads((folder / "steering_config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ActscopeError(f"{folder}: not a saved steering vector ({exc})") from None
-        dirs = {int(k.split(".")[1]): v for k, v in tensors.items()}
-        return cls(dirs, config.get("method", ""), config.get("model_type", ""), config.get("meta", {}))
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON; safetensors raises its own errors too
+            raise ActscopeError(f"{folder}: not a saved steering vector ({exc})".splitlines()[0]) from None
+        except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError: a damaged file
+            raise ActscopeError(f"{folder}: unreadable vectors.safetensors ({type(exc).__name__})") from None
+        if not isinstance(config, dict):
+            raise ActscopeError(f"{folder}/steering_config.json is not a JSON object")
+        return cls(_directions(tensors, str(folder)), config.get("method", ""), config.get("model_type", ""),
+                   config.get("meta", {}))
 
     # --- llama.cpp control vectors ------------------------------------------------------------
     def to_gguf(self, path: str | os.PathLike) -> Path:
@@ -98,12 +103,7 @@ class SteeringVector:
             reader = gguf.GGUFReader(str(path))
         except Exception as exc:
             raise ActscopeError(f"{path}: not a readable GGUF file ({type(exc).__name__})") from None
-        dirs = {}
-        for t in reader.tensors:
-            if t.name.startswith("direction."):
-                dirs[int(t.name.split(".")[1])] = torch.tensor(t.data.copy()).reshape(-1).float()
-        if not dirs:
-            raise ActscopeError(f"{path}: no direction.N tensors (not a control-vector GGUF)")
+        dirs = _directions({t.name: torch.tensor(t.data.copy()).reshape(-1).float() for t in reader.tensors}, str(path))
         hint = reader.fields.get("controlvector.model_hint")
         model_type = bytes(hint.parts[-1]).decode() if hint is not None else ""
         return cls(dirs, "gguf", model_type)
@@ -265,6 +265,22 @@ class _TopAxis:
         return v if v @ mean >= 0 else -v
 
 
+def _directions(tensors: Mapping[str, torch.Tensor], source: str) -> dict[int, torch.Tensor]:
+    """``{layer: vector}`` from ``direction.N`` tensors; any other name, or a non-finite value, is refused
+    (a NaN in a control vector turns every logit into NaN)."""
+    dirs: dict[int, torch.Tensor] = {}
+    for name, v in tensors.items():
+        layer = name[len("direction."):] if name.startswith("direction.") else ""
+        if not layer.isdigit():
+            raise ActscopeError(f"{source}: unknown tensor {name!r}; a steering vector holds direction.N tensors only")
+        if not bool(torch.isfinite(v).all()):
+            raise ActscopeError(f"{source}: {name} holds NaN or infinite values")
+        dirs[int(layer)] = v.reshape(-1).float()
+    if not dirs:
+        raise ActscopeError(f"{source}: no direction.N tensors (not a steering vector or control-vector GGUF)")
+    return dirs
+
+
 def steering_vector(
     model: Any,
     tokenizer: Any,
@@ -276,6 +292,11 @@ def steering_vector(
     batch_size: int = 8,
 ) -> SteeringVector:
     """Compute a steering vector from paired contrastive prompts, streaming over batches."""
+    positive = text_list("positive", positive)  # a bare str would be read character by character
+    negative = text_list("negative", negative)
+    positive_int("batch_size", batch_size)
+    if any(not t.strip() for t in [*positive, *negative]):
+        raise ActscopeError("a steering prompt is empty; every positive and negative prompt needs text")
     if method not in ("mean_diff", "pca"):
         raise ActscopeError(f"method must be 'mean_diff' or 'pca', not {method!r}")
     if not positive or not negative:
