@@ -130,6 +130,12 @@ def _setup(case: str, tmp: Path, model: str) -> list[str]:
         return patch + ["--clean", "", "--corrupted", "The cat"]
     if case == "patch_same":
         return patch + ["--clean", "The cat sat", "--corrupted", "The cat sat"]
+    if case == "patch_multi_token_target":
+        return ["patch", "--model", model, "--clean", "the value of the list", "--corrupted", "the value of the dict",
+                "--target", " mat"]
+    if case == "patch_multi_token_foil":
+        return ["patch", "--model", model, "--clean", "the value of the list", "--corrupted", "the value of the dict",
+                "--target", " value", "--foil", " mat"]
     if case == "trace_samples_0":
         return ["causal-trace", "--model", model, "--prompt", "The cat sat", "--subject", "cat", "--target", " on",
                 "--samples", "0"]
@@ -172,6 +178,8 @@ CASES = {
     "vector_missing": "not a saved steering vector",
     "patch_empty": "--clean is empty",
     "patch_same": "are the same prompt",
+    "patch_multi_token_target": "target ' mat' is 2 tokens ('m' + 'at')",
+    "patch_multi_token_foil": "foil ' mat' is 2 tokens",
     "trace_samples_0": "--samples must be a positive integer, got 0",
     "steer_missing_file": "no such file",
 }

@@ -54,7 +54,7 @@ def make_metric(
     if metric == "logit_diff":
         if foil is None:
             raise ActscopeError("metric 'logit_diff' needs a foil token (the corrupted answer)")
-        f = token_id(tokenizer, foil)
+        f = token_id(tokenizer, foil, "foil")
         return lambda logits: logits[:, t] - logits[:, f]
     if metric == "prob":
         return lambda logits: torch.softmax(logits.float(), -1)[:, t]

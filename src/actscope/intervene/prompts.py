@@ -55,13 +55,26 @@ def encode_batch(tokenizer: Any, texts: Sequence[str], device: Any) -> dict[str,
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
-def token_id(tokenizer: Any, text: str | int) -> int:
-    """The first token of ``text`` (an id passes through): the answer token a metric reads."""
-    if isinstance(text, int):
+def token_id(tokenizer: Any, text: str | int, what: str = "target") -> int:
+    """The one token of ``text`` (an id passes through): the answer token a metric reads.
+
+    A text of several tokens is an error naming them: the metrics score the next token only, and
+    silently scoring the first piece of " Paris" (" P") measured a different answer than asked
+    (docs/interventions.md, "Targets and foils")."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        if text < 0 or (size is not None and text >= size):
+            raise ActscopeError(f"{what} token id {text} is outside the vocabulary (0..{(size or 1) - 1})")
         return text
+    if not isinstance(text, str) or not text:
+        raise ActscopeError(f"{what} must be a non-empty string or a token id, got {text!r}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ActscopeError(f"{text!r} encodes to no token")
+        raise ActscopeError(f"{what} {text!r} encodes to no token")
+    if len(ids) > 1:
+        pieces = " + ".join(repr(tokenizer.decode([i])) for i in ids)
+        raise ActscopeError(f"{what} {text!r} is {len(ids)} tokens ({pieces}); metrics score one next token: "
+                            "give a single-token answer or its token id")
     return ids[0]
 
 
