@@ -222,3 +222,29 @@ def test_scan_checks_out_before_the_pass(tiny_llama_dir, tmp_path, capsys, monke
     (tmp_path / "afile").write_text("x")
     code, _, err = run(["scan", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "afile")], capsys, monkeypatch)
     assert code == 2 and loaded == []  # refused before the model even loads
+
+
+def test_a_scan_report_folder_never_mixes_two_runs(tmp_path, monkeypatch):
+    """A kill between the report's files used to leave a new report.json beside an old report.html."""
+    from actscope.report.build import ScanReport
+
+    out = tmp_path / "scan"
+    old = ScanReport({"run": "old"}, {"a": torch.zeros(2)})
+    monkeypatch.setattr(ScanReport, "to_html", lambda self: f"<html>{self.data['run']}</html>")
+    old.save(out)
+    new = ScanReport({"run": "new"}, {"a": torch.ones(2)})
+
+    def killed(self, path):
+        raise KeyboardInterrupt  # the run dies after report.json, before report.html
+
+    monkeypatch.setattr(ScanReport, "save_html", killed)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(out)
+    assert json.loads((out / "report.json").read_text()) == {"run": "old"}
+    assert (out / "report.html").read_text() == "<html>old</html>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]  # no temporary folder left behind
+    monkeypatch.undo()
+    monkeypatch.setattr(ScanReport, "to_html", lambda self: f"<html>{self.data['run']}</html>")
+    new.save(out)
+    assert json.loads((out / "report.json").read_text()) == {"run": "new"}
+    assert (out / "report.html").read_text() == "<html>new</html>"
