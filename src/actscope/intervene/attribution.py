@@ -13,7 +13,6 @@ default (``check=True``) and its correlation is always reported with the estimat
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -22,16 +21,10 @@ from ..hooks import edits, hook_module, hooks
 from ..sites import Site, site_map
 from ..trace import trace
 from .metrics import Metric, measure, normalised
-from .patch import PatchResult, patch
+from .patch import patch
 from .prompts import encode_pair, token_texts
+from .results import AttributionResult, PatchResult
 from .sites import resolve
-
-
-@dataclass
-class AttributionResult:
-    estimate: PatchResult  # the first-order estimates (effect is normalised)
-    actual: PatchResult | None  # real patching on the same grid, when checked
-    correlation: float | None  # Pearson r between estimate.effect and actual.effect
 
 
 @contextmanager

@@ -17,11 +17,7 @@ forward pass per position instead of one per cell.
 from __future__ import annotations
 
 import copy
-import json
-import os
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -34,48 +30,8 @@ from ..trace import trace
 from .edits import add_noise, bind, replace_at
 from .metrics import Metric, kl_metric, make_metric, measure, normalised  # noqa: F401  (kl_metric, make_metric: old home)
 from .prompts import encode_pair, identity_alignment, token_texts
+from .results import PatchResult
 from .sites import SHORT_SITES, resolve  # noqa: F401  (SHORT_SITES: its old home)
-
-
-@dataclass
-class PatchResult:
-    sites: list[str]
-    positions: list[int]
-    tokens: list[str]
-    effect: torch.Tensor  # [sites, positions], normalised
-    patched: torch.Tensor  # raw metric per cell
-    clean: float
-    corrupted: float
-    foil: str | None = None  # logit_diff's foil token, given or chosen (the corrupted run's top token)
-
-    def to_dict(self) -> dict:
-        return {
-            "sites": self.sites, "positions": self.positions, "tokens": self.tokens,
-            "effect": [[round(float(x), 6) for x in row] for row in self.effect],
-            "metric_clean": self.clean, "metric_corrupted": self.corrupted,
-        }
-
-    def save(self, folder: str | os.PathLike) -> Path:
-        """``effects.json``, ``effects.png`` and ``effects.svg`` (sites down, positions across), ``effects.html``."""
-        from ..report.plots import heatmap_figure, heatmap_svg, heatmap_uri
-
-        import base64
-
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "effects.json").write_text(json.dumps(self.to_dict(), indent=1))
-        lim = max(float(self.effect.abs().max()), 1e-6)
-        png = heatmap_uri((self.effect + lim) / (2 * lim), 0.0, 1.0, (12, 24)).split(",", 1)[1]
-        (out / "effects.png").write_bytes(base64.b64decode(png))
-        labels = [f"{p}: {t!r}" for p, t in zip(self.positions, self.tokens)]
-        (out / "effects.svg").write_text(heatmap_svg(self.effect.nan_to_num(0), self.sites, labels,
-                                                     "Normalised effect", -lim, lim))
-        import html
-
-        cols = " ".join(f"{p}:{html.escape(repr(t))}" for p, t in zip(self.positions, self.tokens))
-        fig = heatmap_figure(self.effect, "Normalised patching effect", f"position ({cols})", "site", -lim, lim, (12, 24))
-        (out / "effects.html").write_text(f"<!DOCTYPE html><meta charset='utf-8'><body>{fig}<p>sites: {html.escape(', '.join(self.sites))}</p></body>")
-        return out
 
 
 def _cell(c: Any) -> tuple[Site, int | None]:

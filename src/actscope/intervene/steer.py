@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from ..sites import site_map
 from ..trace import trace
 from .edits import add, bind, project_out
 from .prompts import encode_batch
+from .results import write_files
 
 POSITIONS = ("all", "prompt", "generated")
 
@@ -49,16 +51,20 @@ class SteeringVector:
         return sorted(self.directions)
 
     # --- saving, HF style -------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """``vectors.safetensors`` + ``steering_config.json``."""
-        from safetensors.torch import save_file
+    def to_dict(self) -> dict:
+        """Everything but the vectors themselves (they go to safetensors): config and per-layer norms."""
+        return {"method": self.method, "model_type": self.model_type, "layers": self.layers, "meta": self.meta,
+                "norms": {str(l): float(self.directions[l].float().norm()) for l in self.layers}}
 
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({f"direction.{l}": v.float().contiguous() for l, v in self.directions.items()}, out / "vectors.safetensors")
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """``vectors.safetensors`` + ``steering_config.json``, each written atomically."""
+        from safetensors.torch import save
+
+        blob = save({f"direction.{l}": v.float().contiguous() for l, v in self.directions.items()})
         config = {"method": self.method, "model_type": self.model_type, "layers": self.layers, "meta": self.meta}
-        (out / "steering_config.json").write_text(json.dumps(config, indent=1))
-        return out
+        return write_files(folder, {"vectors.safetensors": blob, "steering_config.json": json.dumps(config, indent=1)})
+
+    save = save_pretrained  # every intervention result has save(folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "SteeringVector":
@@ -81,19 +87,23 @@ class SteeringVector:
 
     # --- llama.cpp control vectors ------------------------------------------------------------
     def to_gguf(self, path: str | os.PathLike) -> Path:
-        """Write llama.cpp's control-vector GGUF (``direction.{l}`` tensors, as repeng does)."""
+        """Write llama.cpp's control-vector GGUF (``direction.{l}`` tensors, as repeng does), atomically."""
         import gguf
 
-        writer = gguf.GGUFWriter(str(path), "controlvector")
-        writer.add_string("controlvector.model_hint", self.model_type or "unknown")
-        writer.add_uint32("controlvector.layer_count", len(self.directions))  # as repeng writes it
-        for l in self.layers:
-            writer.add_tensor(f"direction.{l}", self.directions[l].float().numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return Path(path)
+        path = Path(path)
+        with tempfile.TemporaryDirectory() as tmp:  # GGUFWriter wants a path; the file is moved in whole
+            writer = gguf.GGUFWriter(str(Path(tmp) / "v.gguf"), "controlvector")
+            writer.add_string("controlvector.model_hint", self.model_type or "unknown")
+            writer.add_uint32("controlvector.layer_count", len(self.directions))  # as repeng writes it
+            for l in self.layers:
+                writer.add_tensor(f"direction.{l}", self.directions[l].float().numpy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            blob = (Path(tmp) / "v.gguf").read_bytes()
+        write_files(path.parent, {path.name: blob})
+        return path
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> "SteeringVector":

@@ -2,7 +2,7 @@
 
     res = actscope.subspace_patch(model, tok, clean, corrupted, "blocks.6.mlp.hook_post", U,
                                   target=" Paris", foil=" Rome")
-    res["null_fraction"]   # share of each direction that the next reader cannot see
+    res.null_fraction      # share of each direction that the next reader cannot see (also res["null_fraction"])
 
 Patching a subspace ``U`` (``[d, k]``, orthonormalised here) replaces only the component of the
 activation inside it: ``h <- h_corrupt + U U^T (h_clean - h_corrupt)`` at the chosen positions.
@@ -30,6 +30,7 @@ from ..trace import trace
 from .edits import bind, replace_at
 from .metrics import Metric, measure, normalised
 from .prompts import encode_pair
+from .results import SubspaceResult
 
 
 def _readers(model: Any, site: Site, sm: SiteMap) -> torch.Tensor:
@@ -82,7 +83,7 @@ def subspace_patch(
     metric: str | Metric = "logit_diff",
     target: str | int | None = None,
     foil: str | int | None = None,
-) -> dict:
+) -> SubspaceResult:
     """Patch the span of ``directions`` (``[d, k]``) at ``site`` and ``positions`` (default all)
     from the clean run into the corrupted run; see the module docstring."""
     sm = site_map(model)
@@ -108,9 +109,5 @@ def subspace_patch(
     with torch.inference_mode(), edits(model, [bind(s, replace_at(h_patched, positions=pos))]):
         m_patched = float(m(model(input_ids=corrupt_ids, use_cache=False).logits[:, -1])[0])
     frac = null_fraction(_readers(model, s, sm), q)
-    return {
-        "site": s.name, "positions": pos, "metric_clean": m_clean, "metric_corrupted": m_corrupt,
-        "metric_patched": m_patched,
-        "effect": float(normalised(torch.tensor(m_patched), m_clean, m_corrupt)),
-        "null_fraction": frac.tolist(),
-    }
+    return SubspaceResult(s.name, pos, m_clean, m_corrupt, m_patched,
+                          float(normalised(torch.tensor(m_patched), m_clean, m_corrupt)), frac.tolist(), m.foil)
