@@ -149,7 +149,7 @@ def test_layers_are_repeated_ranges_and_the_comma_form_still_works():
 
 def test_patch_from_cli(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     code, out, err = run(["patch", "--model", str(tiny_llama_dir), "--clean", "the value of the list",
-                          "--corrupted", "the value of the dict", "--target", " list", "--out", str(tmp_path)],
+                          "--corrupted", "the value of the dict", "--target", " value", "--out", str(tmp_path)],
                          capsys, monkeypatch)
     assert code == 0, err
     assert "largest effect" in out and (tmp_path / "effects.json").exists() and (tmp_path / "effects.png").exists()
@@ -165,15 +165,15 @@ def test_default_foil_lives_in_patch(tiny_llama):
     clean, corrupted = "the value of the list", "the value of the dict"
     with torch.inference_mode():
         top = int(model(input_ids=tok(corrupted, return_tensors="pt").input_ids).logits[0, -1].argmax())
-    chosen = actscope.patch(model, tok, clean, corrupted, target=" list", sites="resid_pre")
-    given = actscope.patch(model, tok, clean, corrupted, target=" list", foil=top, sites="resid_pre")
+    chosen = actscope.patch(model, tok, clean, corrupted, target=" value", sites="resid_pre")
+    given = actscope.patch(model, tok, clean, corrupted, target=" value", foil=top, sites="resid_pre")
     assert chosen.foil == given.foil == tok.decode([top])
     assert torch.equal(chosen.patched, given.patched) and chosen.corrupted == given.corrupted
-    assert actscope.patch(model, tok, clean, corrupted, target=" list", metric="prob").foil is None
+    assert actscope.patch(model, tok, clean, corrupted, target=" value", metric="prob").foil is None
 
 
 def test_causal_trace_from_cli_and_the_old_name_warns(tiny_llama_dir, tmp_path, capsys, monkeypatch):
-    args = ["-m", str(tiny_llama_dir), "-p", "the value of the list", "--subject", "value", "--target", " list",
+    args = ["-m", str(tiny_llama_dir), "-p", "the value of the list", "--subject", "value", "--target", " value",
             "--samples", "2"]
     code, out, err = run(["causal-trace", *args, "-o", str(tmp_path / "new")], capsys, monkeypatch)
     assert code == 0 and "warning" not in err, err

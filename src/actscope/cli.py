@@ -18,6 +18,9 @@ import typer
 from .cli_options import (BatchSize, Data, Device, MaxTokens, Model, Out, Prompt, SeqLen, TextField, deprecated,
                           device_name, split_list)
 from .errors import ActscopeError
+from .intervene.metrics import METRICS
+from .intervene.sites import OLD_KINDS, shorthands
+from .validate import finite, positive_int
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -108,8 +111,13 @@ def scan(
     """One streaming pass over a corpus: sparsity, massive activations, sinks, layer use -> report.json and
     report.html in --out."""
     from .models import load_model
+    from .report.build import check_report_folder
+    from .scan import ScanConfig, check_config
     from .scan import scan as run_scan
 
+    # bad settings and an unusable --out fail now, not after the whole pass
+    check_config(ScanConfig(seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, patterns=patterns, tau=tau))
+    check_report_folder(out)
     m, tok = load_model(model, device=device_name(device))
     report = run_scan(
         m, tok, data, compare_data=compare_data, seq_len=seq_len, max_tokens=max_tokens,
@@ -161,8 +169,9 @@ def steer(
     from .models import load_model
     from .intervene.steer import steering_vector
 
+    pos, neg, layer_ids = _prompts(positive), _prompts(negative), _layers(layers)  # file errors before the model loads
     m, tok = load_model(model, device=device_name(device))
-    vec = steering_vector(m, tok, _prompts(positive), _prompts(negative), _layers(layers), method, position)
+    vec = steering_vector(m, tok, pos, neg, layer_ids, method, position)
     path = vec.to_gguf(out) if out.endswith(".gguf") else vec.save_pretrained(out)
     norms = ", ".join(f"{l}:{float(vec.directions[l].norm()):.3g}" for l in vec.layers)
     typer.echo(f"steering vector ({method}, layers {vec.layers[0]}-{vec.layers[-1]}) -> {path}\nnorms {norms}")
@@ -204,6 +213,10 @@ def generate(
 
     if old_sparsity is not None:
         sparsity_config = _old_sparsity(old_sparsity, sparsity_config)
+    if not prompt:
+        raise ActscopeError("--prompt is empty: generation needs text to continue")
+    positive_int("--max-new-tokens", max_new_tokens)
+    finite("--scale", scale)  # NaN or inf would turn every logit into NaN
     m, tok = load_model(model, device=device_name(device))
     vec = SteeringVector.from_pretrained(steer_path) if steer_path else None
     config = SparsityConfig.from_pretrained(sparsity_config) if sparsity_config else None
@@ -268,14 +281,20 @@ def patch(
     out: Out = "runs/patch",
     model: Model = "default",
     sites: Annotated[List[str], typer.Option(
-        "--sites", help="resid_pre, resid_post, attn_out, mlp_out or a site name; repeat for several")] = ["resid_pre"],
-    metric: Annotated[str, typer.Option("--metric", help="logit_diff or prob")] = "logit_diff",
+        "--sites", help=f"{shorthands()} (every layer), or a site name or glob; repeat for several")] = ["resid_pre"],
+    metric: Annotated[str, typer.Option("--metric", help=" or ".join(METRICS))] = "logit_diff",
     device: Device = "auto",
 ) -> None:
     """Activation patching over every (site, position): writes effects.json and effects.png to --out."""
     from .models import load_model
     from .intervene.patch import patch as run_patch
 
+    for name, text in (("--clean", clean), ("--corrupted", corrupted), ("--target", target), ("--foil", foil)):
+        if text is not None and not text.strip():
+            raise ActscopeError(f"{name} is empty")
+    if clean == corrupted:
+        raise ActscopeError("--clean and --corrupted are the same prompt: every effect would be 0/0; give a corrupted "
+                            "prompt that changes the answer")
     m, tok = load_model(model, device=device_name(device))
     res = run_patch(m, tok, clean, corrupted, sites=sites if len(sites) > 1 else sites[0],
                     metric=metric, target=target, foil=foil)
@@ -294,7 +313,8 @@ def causal_trace_cmd(
     target: Annotated[str, typer.Option("--target", help="the answer token, e.g. ' Paris'")],
     out: Out = "runs/trace",
     model: Model = "default",
-    kind: Annotated[str, typer.Option("--kind", help="what is restored: resid, mlp or attn")] = "resid",
+    kind: Annotated[str, typer.Option(
+        "--kind", help=f"what is restored at every layer: {shorthands()}")] = "resid_post",
     window: Annotated[int, typer.Option(
         "--window", help="restore this many neighbouring layers together")] = 1,
     samples: Annotated[int, typer.Option("--samples", help="noise draws averaged")] = 10,
@@ -305,6 +325,14 @@ def causal_trace_cmd(
     from .intervene.causal import causal_trace
     from .models import load_model
 
+    for name, text in (("--prompt", prompt), ("--subject", subject), ("--target", target)):
+        if not text.strip():
+            raise ActscopeError(f"{name} is empty")
+    positive_int("--window", window)
+    positive_int("--samples", samples)
+    if kind in OLD_KINDS:
+        deprecated(f"--kind {kind}", f"--kind {OLD_KINDS[kind]}")
+        kind = OLD_KINDS[kind]
     m, tok = load_model(model, device=device_name(device))
     res = causal_trace(m, tok, prompt, subject, target, kind=kind, window=window, samples=samples)
     folder = res.save(out)
@@ -332,15 +360,48 @@ app.add_typer(compare_app, name="compare")
 
 
 def main() -> None:
+    """Run the CLI: every failure ends in one ``error:`` line on stderr and exit status 2.
+
+    Click runs in non-standalone mode so that Ctrl-C reaches us (typer would turn it into a silent
+    exit 130) and usage errors become one line like every other error. Anything that is not an
+    ``ActscopeError`` is a bug; it still gets one line, and ``ACTSCOPE_DEBUG=1`` shows the traceback.
+    """
+    import os
+
     logging.basicConfig(level=logging.WARNING, format="actscope: %(message)s")
     try:
-        app()
+        code = app(standalone_mode=False)
     except ActscopeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
     except KeyboardInterrupt:
-        typer.echo("interrupted; re-run the same command to resume", err=True)
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - click's own errors (typer vendors click), or a bug
+        kinds = {k.__name__ for k in type(exc).__mro__}
+        if "NoArgsIsHelpError" in kinds:
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(2)
+        if "Abort" in kinds:
+            code = 130
+        elif "ClickException" in kinds:
+            ctx = getattr(exc, "ctx", None)
+            command = " ".join(ctx.command_path.split()[1:]) + " " if ctx is not None else ""
+            _fail(f"{exc.format_message()} (see actscope {command.lstrip()}--help)")  # type: ignore[attr-defined]
+        elif os.environ.get("ACTSCOPE_DEBUG"):
+            raise
+        else:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _fail(f"unexpected {type(exc).__name__}: {first} (a bug in actscope: please report it; "
+                  "ACTSCOPE_DEBUG=1 shows the traceback)")
+    if code == 130:
+        resumable = len(sys.argv) > 1 and sys.argv[1] == "record"
+        typer.echo("interrupted" + ("; re-run the same command to resume" if resumable else ""), err=True)
         sys.exit(130)
+    sys.exit(code or 0)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # always one line
+    sys.exit(2)
 
 
 if __name__ == "__main__":

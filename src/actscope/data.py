@@ -107,7 +107,12 @@ def _hf_texts(spec: str, field: str) -> Iterator[str]:
         ds = datasets.load_dataset(name, split=split or "train", streaming=True)
     except Exception as exc:
         raise DataError(f"{spec}: cannot load HF dataset ({type(exc).__name__})") from None
-    for row in ds:
+    for i, row in enumerate(ds):
+        if field not in row:
+            fields = ", ".join(sorted(row)[:8])
+            raise DataError(f"{spec}: row {i} has no {field!r} field (fields: {fields}); choose one with --text-field")
+        if not isinstance(row[field], str):
+            raise DataError(f"{spec}: row {i}: field {field!r} is not a string; choose another with --text-field")
         yield row[field]
 
 
@@ -131,6 +136,8 @@ def read_texts(source: str | Path | Sequence[str] | None = None, text_field: str
     if spec.startswith("hf:"):
         return _hf_texts(spec, text_field), spec
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise DataError(f"{spec} is a directory; give a text, JSONL or Parquet file (or hf:NAME)")
     if not path.is_file():
         hint = " (for an HF dataset write hf:NAME)" if "/" in spec and not path.parent.exists() else ""
         raise DataError(f"{spec}: no such file{hint}")
@@ -161,8 +168,10 @@ def pack(
     source: str = "",
 ) -> TokenBatches:
     """Tokenize ``texts`` and pack them into rows of ``seq_len`` (the last partial row is dropped)."""
-    if seq_len < 2:
-        raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise DataError(f"--seq-len must be an integer of at least 2, got {seq_len!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0):
+        raise DataError(f"--max-tokens must be a positive integer, got {max_tokens!r}")
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     sep = tokenizer.eos_token_id
     body = seq_len - (1 if bos is not None else 0)
@@ -182,6 +191,8 @@ def pack(
     n_rows = len(ids) // body
     if max_tokens is not None:
         n_rows = min(n_rows, max_tokens // seq_len)
+    if max_tokens is not None and max_tokens < seq_len:
+        raise DataError(f"--max-tokens {max_tokens} is less than one sequence of --seq-len {seq_len} tokens")
     if n_rows == 0:
         raise DataError(
             f"{source or 'data'}: {len(ids)} tokens is less than one sequence of {seq_len}"

@@ -78,9 +78,22 @@ def _load_gguf_tokenizer(path: Path) -> Any:
     except Exception as exc:  # transformers raises many types for missing tokenizer metadata
         raise ModelLoadError(
             f"GGUF file {path} has no usable tokenizer data ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass a tokenizer directory "
-            "with tokenizer=..."
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); use an HF model directory "
+            "that holds its tokenizer instead"
         ) from None
+
+
+def _check_gguf(path: Path) -> None:
+    """A truncated or foreign file is named as such, not as a file without tokenizer data."""
+    try:
+        import gguf
+
+        gguf.GGUFReader(str(path))
+    except ImportError:
+        return
+    except Exception as exc:  # the reader raises ValueError, struct errors, IndexError ...
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupted: {detail})") from None
 
 
 def convert_gguf(path: Path, name: str | None = None) -> Path:
@@ -94,6 +107,7 @@ def convert_gguf(path: Path, name: str | None = None) -> Path:
     target = cache_dir() / "models" / f"{name or path.stem}-{_file_key(path)}"
     if (target / "config.json").exists():
         return target
+    _check_gguf(path)
     tokenizer = _load_gguf_tokenizer(path)
     log.warning("dequantizing %s once (about 30 s); cached in %s", path.name, target)
     try:
@@ -168,6 +182,8 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(location, **common)
     except Exception as exc:
+        if kind == "dir":
+            raise ModelLoadError(_bad_config(Path(location), exc)) from None
         raise ModelLoadError(
             f"unknown model {spec!r}: not a local HF directory, a .gguf file, or a hub id that "
             f"is cached or reachable ({type(exc).__name__})"
@@ -190,6 +206,18 @@ def load_model(
     model.eval()
     model.actscope_name = spec if spec != "default" else DEFAULT_MODEL_NAME
     return model, tok
+
+
+def _bad_config(folder: Path, exc: Exception) -> str:
+    """Why a local model directory's config.json could not be used."""
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as bad:
+        where = f" (line {bad.lineno})" if isinstance(bad, json.JSONDecodeError) else ""
+        return f"{config} is not valid JSON{where}; fix or replace it"
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{config}: not a usable model config ({detail})"
 
 
 def _is_encoder(config: Any) -> bool:

@@ -28,6 +28,7 @@ from .report.build import ReportContext, build_report
 from .stats.lens import logit_lens_view, skip_layer_kl
 from .stats.residual import LayerUse, MassiveTracker, kl_to_final
 from .trace import trace
+from .validate import finite, positive_int
 
 
 @dataclass
@@ -223,6 +224,21 @@ class Scanner:
                 st.layers.update_lens(l, kl_to_final(final, lens[l]))
 
 
+def check_config(cfg: ScanConfig) -> None:
+    """Refuse bad settings before the pass: ``tau=nan`` used to be reported after it, if at all."""
+    for name in ("seq_len", "batch_size", "chunk", "lens_samples", "topk", "profile_every"):
+        positive_int(f"--{name.replace('_', '-')}", getattr(cfg, name))
+    positive_int("--max-tokens", cfg.max_tokens, allow_none=True)
+    if isinstance(cfg.skip_tokens, bool) or not isinstance(cfg.skip_tokens, int) or cfg.skip_tokens < 0:
+        raise ActscopeError(f"skip_tokens must be a non-negative integer, got {cfg.skip_tokens!r}")
+    if cfg.tau is not None and finite("--tau", cfg.tau) < 0:
+        raise ActscopeError(f"--tau must be at least 0, got {cfg.tau!r}")
+    for tau in cfg.taus:
+        finite("taus", tau)
+    for name in ("rare", "cett_bound", "massive_abs", "massive_ratio", "dormant_threshold", "secondary_threshold"):
+        finite(name, getattr(cfg, name), positive=True)
+
+
 def scan(
     model: Any,
     tokenizer: Any,
@@ -243,6 +259,7 @@ def scan(
             raise ActscopeError(f"unknown scan option {key!r}; options: {', '.join(asdict(base))}")
     # a copy: the caller's config is often reused for the next scan and must not carry overrides
     cfg = replace(base, **overrides)
+    check_config(cfg)
     limit = context_length(model)
     if limit is not None and cfg.seq_len > limit:
         raise ActscopeError(f"--seq-len {cfg.seq_len} exceeds the model's context length of {limit} tokens")

@@ -66,8 +66,8 @@ def test_alignment_lengths_and_outputs(tiny_llama, tmp_path):
     assert set(data) >= {"sites", "positions", "tokens", "effect"} and len(data["effect"]) == 2
     assert (tmp_path / "effects.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(actscope.ActscopeError, match="needs a foil"):  # the metric itself still needs one
-        make_metric(tok, "logit_diff", " mat", None)
-    assert patch(model, tok, CLEAN, CORRUPT, target=" mat").foil  # patch() picks the corrupted run's top token
+        make_metric(tok, "logit_diff", " value", None)
+    assert patch(model, tok, CLEAN, CORRUPT, target=" value").foil  # patch() picks the corrupted run's top token
     with pytest.raises(actscope.ActscopeError, match="attention patterns cannot be patched"):
         patch(model, tok, CLEAN, CORRUPT, sites=["blocks.0.attn.hook_pattern"], metric=_metric)
     with pytest.raises(actscope.ActscopeError, match="heads= needs per-head sites"):
@@ -96,16 +96,16 @@ def test_kl_metric_is_zero_for_the_clean_run(tiny_llama):
     assert float(res.effect[-1, -1]) == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("kind, window", [("resid", 1), ("mlp", 2)])
+@pytest.mark.parametrize("kind, window", [("resid_post", 1), ("mlp_out", 2)])
 def test_causal_trace_fast_equals_naive(tiny_llama, kind, window):
     model, tok = tiny_llama
     kw = dict(kind=kind, window=window, samples=3, seed=1)
-    fast = actscope.causal_trace(model, tok, CLEAN, "value", " list", **kw)
-    naive = actscope.causal_trace(model, tok, CLEAN, "value", " list", method="naive", **kw)
+    fast = actscope.causal_trace(model, tok, CLEAN, "value", " value", **kw)
+    naive = actscope.causal_trace(model, tok, CLEAN, "value", " value", method="naive", **kw)
     torch.testing.assert_close(fast.patched, naive.patched, rtol=1e-4, atol=1e-6)
     assert fast.effect.shape == (2, len(fast.positions))
     # restoring the residual after the last layer at the last position restores the clean output
-    if kind == "resid":
+    if kind == "resid_post":
         assert float(fast.patched[-1, -1]) == pytest.approx(fast.clean, rel=1e-4)
 
 

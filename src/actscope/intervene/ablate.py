@@ -20,34 +20,24 @@ import torch
 
 from ..data import load_tokens
 from ..errors import ActscopeError
-from ..hooks import edits
+from ..hooks import UserEdit, edits
 from ..sites import Site, site_map
 from ..trace import trace
+from .edits import bind, mean, replace_at, zero
 
 MODES = ("zero", "mean", "resample")
 
 
-def _edit(site: Site, x: torch.Tensor, units: Sequence[int] | None, positions: Sequence[int] | None,
-          mode: str, values: torch.Tensor | None) -> torch.Tensor:
-    # x is the site's tensor as traced: [batch, pos, d], or [batch, pos, head, d_head] for a
-    # per-head site, so axis 2 is the unit axis either way
-    if mode == "zero" and positions is None and units is not None and x.dim() >= 3:
-        # the common case (zero some units everywhere): one fused copy-and-fill, no index_put
-        return x.index_fill(2, torch.as_tensor(units, device=x.device), 0)
-    out = view = x.clone()  # observers may hold the original
-    if values is not None and units is not None and values.shape == view.shape[2:]:
-        values = values[list(units)]  # a whole-site mean (as site_mean gives): take the ablated units
-    sel_pos = slice(None) if positions is None else list(positions)
-    idx: tuple = (slice(None), sel_pos)
-    if units is not None:
-        idx = idx + (list(units),)
-    if positions is not None and units is not None:  # two index lists would pair up: index in two steps
-        target = view[:, sel_pos]
-        target[:, :, list(units)] = 0 if mode == "zero" else values.to(x.dtype)
-        view[:, sel_pos] = target
-        return out
-    view[idx] = 0 if mode == "zero" else values.to(x.dtype)
-    return out
+def _stock(mode: str, units: Sequence[int] | None, positions: Sequence[int] | None,
+           values: torch.Tensor | None) -> UserEdit:
+    """The stock edit (intervene/edits.py) for one ablation mode."""
+    units = list(units) if units is not None else None
+    positions = list(positions) if positions is not None else None
+    if mode == "zero":
+        return zero(units=units, positions=positions)
+    if mode == "mean":
+        return mean(values, units=units, positions=positions)
+    return replace_at(values, units=units, positions=positions)
 
 
 @contextmanager
@@ -80,7 +70,7 @@ def ablate(
             return values[s.name]
         return values
 
-    pairs = [(s, lambda x, s=s, v=value_for(s): _edit(s, x, units, positions, mode, v)) for s in resolved]
+    pairs = [bind(s, _stock(mode, units, positions, value_for(s))) for s in resolved]
     with edits(model, pairs):
         yield
 

@@ -13,22 +13,18 @@ default (``check=True``) and its correlation is always reported with the estimat
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..hooks import edits, hook_module, hooks
-from .patch import Metric, PatchResult, _resolve, make_metric, normalised, patch
 from ..sites import Site, site_map
 from ..trace import trace
-
-
-@dataclass
-class AttributionResult:
-    estimate: PatchResult  # the first-order estimates (effect is normalised)
-    actual: PatchResult | None  # real patching on the same grid, when checked
-    correlation: float | None  # Pearson r between estimate.effect and actual.effect
+from .metrics import Metric, measure, normalised
+from .patch import patch
+from .prompts import encode_pair, token_texts
+from .results import AttributionResult, PatchResult
+from .sites import resolve
 
 
 @contextmanager
@@ -64,20 +60,21 @@ def attribution_patch(
     foil: str | int | None = None,
     check: bool = True,
 ) -> AttributionResult:
-    """Estimate every (site, position) patching effect; with ``check``, also run the real sweep."""
+    """Estimate every (site, position) patching effect; with ``check``, also run the real sweep.
+    Metrics, and the default foil for ``logit_diff``, are those of ``patch``."""
     sm = site_map(model)
-    resolved: list[Site] = _resolve(sm, sites)
-    clean_ids = tokenizer(clean, return_tensors="pt").input_ids.to(model.device)
-    corrupt_ids = tokenizer(corrupted, return_tensors="pt").input_ids.to(model.device)
-    if clean_ids.shape != corrupt_ids.shape:
-        from ..errors import ActscopeError
-
-        raise ActscopeError("attribution patching needs prompts of the same length in tokens")
+    resolved: list[Site] = resolve(sm, sites)
+    clean_ids, corrupt_ids = encode_pair(tokenizer, clean, corrupted, model.device, what="attribution patching")
     with torch.inference_mode(), trace(model, resolved) as cache:
         clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
+
+    def corrupt_logits() -> torch.Tensor:  # for the default foil: the corrupted run's answer
+        with torch.inference_mode():
+            return model(input_ids=corrupt_ids, use_cache=False).logits[:, -1]
+
     # built outside inference mode: the "kl" metric's clean distribution enters the backward pass
-    measure = make_metric(tokenizer, metric, target, foil, clean_logits)
-    m_clean = float(measure(clean_logits)[0])
+    m = measure(tokenizer, metric, target=target, foil=foil, clean_logits=clean_logits, corrupt_logits=corrupt_logits)
+    m_clean = float(m(clean_logits)[0])
     clean_acts = {s.name: cache[s.name][0].clone() for s in resolved}
     acts: dict[str, torch.Tensor] = {}
 
@@ -95,17 +92,18 @@ def attribution_patch(
     with _frozen(model), torch.enable_grad(), hooks(grad_from_embed if embed is not None else []), \
             edits(model, [(s, capture(s)) for s in resolved]):
         logits = model(input_ids=corrupt_ids, use_cache=False).logits[:, -1]
-        value = measure(logits)[0]
+        value = m(logits)[0]
         value.backward()
     m_corrupt = float(value.detach())
     est = torch.stack([
         ((clean_acts[s.name] - acts[s.name][0].detach()) * acts[s.name].grad[0]).flatten(1).sum(-1) for s in resolved
     ])  # [sites, positions]; a per-head site counts all its heads, as patch() without heads= does
     T = corrupt_ids.shape[1]
-    tokens = [tokenizer.decode([int(t)]) for t in corrupt_ids[0].tolist()]
+    tokens = token_texts(tokenizer, corrupt_ids[0])
     estimate = PatchResult([s.name for s in resolved], list(range(T)), tokens,
-                           normalised(est + m_corrupt, m_clean, m_corrupt), est + m_corrupt, m_clean, m_corrupt)
+                           normalised(est + m_corrupt, m_clean, m_corrupt), est + m_corrupt, m_clean, m_corrupt, m.foil)
     if not check:
         return AttributionResult(estimate, None, None)
-    actual = patch(model, tokenizer, clean, corrupted, sites=[s.name for s in resolved], metric=measure)
+    actual = patch(model, tokenizer, clean, corrupted, sites=[s.name for s in resolved], metric=m.fn)
+    actual.foil = m.foil  # the same metric, so the same foil
     return AttributionResult(estimate, actual, _pearson(estimate.effect, actual.effect))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import ActscopeError
+from ..validate import positive_int, text_list
 from ..hooks import edits, hook_module, hooks
 from ..kvcache import cached_length
 from ..sites import site_map
 from ..trace import trace
+from .edits import add, bind, project_out
+from .prompts import encode_batch
+from .results import write_files
 
 POSITIONS = ("all", "prompt", "generated")
 
@@ -46,16 +51,20 @@ class SteeringVector:
         return sorted(self.directions)
 
     # --- saving, HF style -------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """``vectors.safetensors`` + ``steering_config.json``."""
-        from safetensors.torch import save_file
+    def to_dict(self) -> dict:
+        """Everything but the vectors themselves (they go to safetensors): config and per-layer norms."""
+        return {"method": self.method, "model_type": self.model_type, "layers": self.layers, "meta": self.meta,
+                "norms": {str(l): float(self.directions[l].float().norm()) for l in self.layers}}
 
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({f"direction.{l}": v.float().contiguous() for l, v in self.directions.items()}, out / "vectors.safetensors")
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """``vectors.safetensors`` + ``steering_config.json``, each written atomically."""
+        from safetensors.torch import save
+
+        blob = save({f"direction.{l}": v.float().contiguous() for l, v in self.directions.items()})
         config = {"method": self.method, "model_type": self.model_type, "layers": self.layers, "meta": self.meta}
-        (out / "steering_config.json").write_text(json.dumps(config, indent=1))
-        return out
+        return write_files(folder, {"vectors.safetensors": blob, "steering_config.json": json.dumps(config, indent=1)})
+
+    save = save_pretrained  # every intervention result has save(folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "SteeringVector":
@@ -67,26 +76,34 @@ class SteeringVector:
         try:
             tensors = load_file(folder / "vectors.safetensors")
             config = json.loads((folder / "steering_config.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ActscopeError(f"{folder}: not a saved steering vector ({exc})") from None
-        dirs = {int(k.split(".")[1]): v for k, v in tensors.items()}
-        return cls(dirs, config.get("method", ""), config.get("model_type", ""), config.get("meta", {}))
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON; safetensors raises its own errors too
+            raise ActscopeError(f"{folder}: not a saved steering vector ({exc})".splitlines()[0]) from None
+        except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError: a damaged file
+            raise ActscopeError(f"{folder}: unreadable vectors.safetensors ({type(exc).__name__})") from None
+        if not isinstance(config, dict):
+            raise ActscopeError(f"{folder}/steering_config.json is not a JSON object")
+        return cls(_directions(tensors, str(folder)), config.get("method", ""), config.get("model_type", ""),
+                   config.get("meta", {}))
 
     # --- llama.cpp control vectors ------------------------------------------------------------
     def to_gguf(self, path: str | os.PathLike) -> Path:
-        """Write llama.cpp's control-vector GGUF (``direction.{l}`` tensors, as repeng does)."""
+        """Write llama.cpp's control-vector GGUF (``direction.{l}`` tensors, as repeng does), atomically."""
         import gguf
 
-        writer = gguf.GGUFWriter(str(path), "controlvector")
-        writer.add_string("controlvector.model_hint", self.model_type or "unknown")
-        writer.add_uint32("controlvector.layer_count", len(self.directions))  # as repeng writes it
-        for l in self.layers:
-            writer.add_tensor(f"direction.{l}", self.directions[l].float().numpy())
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return Path(path)
+        path = Path(path)
+        with tempfile.TemporaryDirectory() as tmp:  # GGUFWriter wants a path; the file is moved in whole
+            writer = gguf.GGUFWriter(str(Path(tmp) / "v.gguf"), "controlvector")
+            writer.add_string("controlvector.model_hint", self.model_type or "unknown")
+            writer.add_uint32("controlvector.layer_count", len(self.directions))  # as repeng writes it
+            for l in self.layers:
+                writer.add_tensor(f"direction.{l}", self.directions[l].float().numpy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            blob = (Path(tmp) / "v.gguf").read_bytes()
+        write_files(path.parent, {path.name: blob})
+        return path
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> "SteeringVector":
@@ -96,12 +113,7 @@ class SteeringVector:
             reader = gguf.GGUFReader(str(path))
         except Exception as exc:
             raise ActscopeError(f"{path}: not a readable GGUF file ({type(exc).__name__})") from None
-        dirs = {}
-        for t in reader.tensors:
-            if t.name.startswith("direction."):
-                dirs[int(t.name.split(".")[1])] = torch.tensor(t.data.copy()).reshape(-1).float()
-        if not dirs:
-            raise ActscopeError(f"{path}: no direction.N tensors (not a control-vector GGUF)")
+        dirs = _directions({t.name: torch.tensor(t.data.copy()).reshape(-1).float() for t in reader.tensors}, str(path))
         hint = reader.fields.get("controlvector.model_hint")
         model_type = bytes(hint.parts[-1]).decode() if hint is not None else ""
         return cls(dirs, "gguf", model_type)
@@ -182,26 +194,16 @@ def steer(model: Any, vectors: Mapping[int | str, torch.Tensor], scale: float = 
             raise ActscopeError(f"the vector for {key!r} holds NaN or infinite values")
     tracker = _PositionTracker()
 
-    def make(key: int | str, vec: torch.Tensor):
-        def add(hidden: torch.Tensor) -> torch.Tensor:
-            trailing = hidden.shape[2:]
-            if vec.numel() != trailing.numel():
-                raise ActscopeError(f"the vector for {key!r} has {vec.numel()} values; the site's tensor has "
-                                    f"{tuple(trailing)} per token")
-            delta = (scale * vec).to(hidden.dtype).to(hidden.device).reshape(trailing)
-            if positions == "all":
-                return hidden + delta
-            T = hidden.shape[1]
-            pos = torch.arange(tracker.offset, tracker.offset + T, device=hidden.device)
-            limit = tracker.prompt_len or 0
-            mask = (pos < limit) if positions == "prompt" else (pos >= limit)
-            if not bool(mask.any()):
-                return hidden
-            return hidden + mask.view(1, T, *([1] * len(trailing))).to(hidden.dtype) * delta
+    def in_scope(hidden: torch.Tensor) -> torch.Tensor | None:
+        """The steered positions of this forward pass, counted through the KV cache."""
+        if positions == "all":
+            return None
+        pos = torch.arange(tracker.offset, tracker.offset + hidden.shape[1], device=hidden.device)
+        limit = tracker.prompt_len or 0
+        return (pos < limit) if positions == "prompt" else (pos >= limit)
 
-        return add
-
-    pairs = [(targets[k], make(k, v)) for k, v in vectors.items() if scale != 0]
+    where = None if positions == "all" else in_scope
+    pairs = [bind(targets[k], add(v, scale=scale, positions=where)) for k, v in vectors.items() if scale != 0]
     with hooks([lambda: hook_module(model, tracker.pre_hook, when="before")]), edits(model, pairs):
         yield
 
@@ -212,34 +214,16 @@ def ablate_direction(model: Any, direction: torch.Tensor) -> Iterator[None]:
 
     Applied to the embedding output and every layer's output, so no layer reads the direction.
     """
-    r = direction.float() / direction.float().norm().clamp_min(1e-12)
     sm = site_map(model)
     names = (["hook_embed"] if "hook_embed" in sm.sites else []) + [f"blocks.{l}.hook_resid_post" for l in range(sm.n_layers)]
-    targets = [sm.sites[n] for n in names]
-
-    def project_out(hidden: torch.Tensor) -> torch.Tensor:
-        rr = r.to(hidden.dtype).to(hidden.device)
-        return hidden - (hidden @ rr).unsqueeze(-1) * rr
-
-    with edits(model, [(site, project_out) for site in targets]):
+    remove = project_out(direction)
+    with edits(model, [bind(sm.sites[n], remove) for n in names]):
         yield
 
 
 def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def _encode(tokenizer: Any, texts: Sequence[str], device: Any) -> dict:
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "right"  # last real token = mask.sum() - 1
-    try:
-        enc = tokenizer(list(texts), return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = old
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
 def _read(h: torch.Tensor, mask: torch.Tensor, position: str | int) -> torch.Tensor:
@@ -291,6 +275,22 @@ class _TopAxis:
         return v if v @ mean >= 0 else -v
 
 
+def _directions(tensors: Mapping[str, torch.Tensor], source: str) -> dict[int, torch.Tensor]:
+    """``{layer: vector}`` from ``direction.N`` tensors; any other name, or a non-finite value, is refused
+    (a NaN in a control vector turns every logit into NaN)."""
+    dirs: dict[int, torch.Tensor] = {}
+    for name, v in tensors.items():
+        layer = name[len("direction."):] if name.startswith("direction.") else ""
+        if not layer.isdigit():
+            raise ActscopeError(f"{source}: unknown tensor {name!r}; a steering vector holds direction.N tensors only")
+        if not bool(torch.isfinite(v).all()):
+            raise ActscopeError(f"{source}: {name} holds NaN or infinite values")
+        dirs[int(layer)] = v.reshape(-1).float()
+    if not dirs:
+        raise ActscopeError(f"{source}: no direction.N tensors (not a steering vector or control-vector GGUF)")
+    return dirs
+
+
 def steering_vector(
     model: Any,
     tokenizer: Any,
@@ -302,6 +302,11 @@ def steering_vector(
     batch_size: int = 8,
 ) -> SteeringVector:
     """Compute a steering vector from paired contrastive prompts, streaming over batches."""
+    positive = text_list("positive", positive)  # a bare str would be read character by character
+    negative = text_list("negative", negative)
+    positive_int("batch_size", batch_size)
+    if any(not t.strip() for t in [*positive, *negative]):
+        raise ActscopeError("a steering prompt is empty; every positive and negative prompt needs text")
     if method not in ("mean_diff", "pca"):
         raise ActscopeError(f"method must be 'mean_diff' or 'pca', not {method!r}")
     if not positive or not negative:
@@ -316,7 +321,7 @@ def steering_vector(
     axes = {l: _TopAxis() for l in layer_ids}
 
     def read_batch(texts: Sequence[str]) -> dict[int, torch.Tensor]:
-        enc = _encode(tokenizer, texts, model.device)
+        enc = encode_batch(tokenizer, texts, model.device)
         with torch.inference_mode(), trace(model, sites, stop=True) as cache:  # later layers are not needed
             model(**enc, use_cache=False)
         return {l: _read(cache[s], enc["attention_mask"], position).double().cpu() for l, s in zip(layer_ids, sites)}

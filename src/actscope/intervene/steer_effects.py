@@ -12,7 +12,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .steer import SteeringVector, _encode
+from ..errors import ActscopeError
+from ..validate import positive_int
+from .prompts import encode_batch
+from .results import SteeringEffect
+from .steer import SteeringVector
 from ..trace import trace
 
 
@@ -28,7 +32,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 def kl_steered(model: Any, tokenizer: Any, vector: SteeringVector, prompts: Sequence[str], scale: float) -> float:
     """Mean ``KL(p_steered || p)`` over every real token of ``prompts``, in nats."""
-    enc = _encode(tokenizer, prompts, model.device)
+    enc = encode_batch(tokenizer, prompts, model.device)
     base = _next_token_logprobs(model, enc)
     with vector.apply(model, scale):
         steered = _next_token_logprobs(model, enc)
@@ -59,12 +63,40 @@ def calibrate_scale(
     return sign * lo
 
 
+class _RefuseNonFinite:
+    """A logits processor that stops generation on NaN or infinite logits.
+
+    Greedy decoding over NaN logits picks token 0 or end-of-text at every step, and the output,
+    stripped of special tokens, is silently empty: an overflowing steering scale looked like a
+    model with nothing to say.
+    """
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(scores).all()):
+            step = input_ids.shape[1]
+            raise ActscopeError(f"the model's logits are NaN or infinite at position {step} (a steering scale or "
+                                "vector too large for the model's dtype?); generation stopped")
+        return scores
+
+
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 30, **kwargs: Any) -> str:
-    """Greedy continuation of ``prompt`` (a plain helper so comparisons are deterministic)."""
+    """Greedy continuation of ``prompt`` (a plain helper so comparisons are deterministic).
+
+    Refuses an empty prompt and a non-positive ``max_new_tokens``, and stops with an
+    ``ActscopeError`` on non-finite logits instead of returning an empty string."""
+    from transformers import LogitsProcessorList
+
+    if not isinstance(prompt, str) or not prompt:
+        raise ActscopeError("the prompt is empty: generation needs at least one token to continue")
+    positive_int("max_new_tokens", max_new_tokens)
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+    if enc["input_ids"].shape[1] == 0:
+        raise ActscopeError(f"the prompt {prompt!r} encodes to no token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    processors = LogitsProcessorList([*kwargs.pop("logits_processor", []), _RefuseNonFinite()])
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **kwargs)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             logits_processor=processors, **kwargs)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -76,9 +108,10 @@ def steering_effect(
     scale: float,
     max_new_tokens: int = 24,
     positions: str = "all",
-) -> dict:
-    """KL, entropy, projection shift and a before/after generation table for ``prompts``."""
-    enc = _encode(tokenizer, prompts, model.device)
+) -> SteeringEffect:
+    """KL, entropy, projection shift and a before/after generation table for ``prompts``
+    (a ``SteeringEffect``; ``res["kl"]`` still works, as when this returned a dict)."""
+    enc = encode_batch(tokenizer, prompts, model.device)
     mask = enc["attention_mask"]
     sites = [f"blocks.{l}.hook_resid_post" for l in vector.layers]
     unit = {l: v.float() / v.float().norm().clamp_min(1e-12) for l, v in vector.directions.items()}
@@ -100,12 +133,4 @@ def steering_effect(
         with vector.apply(model, scale, positions=positions):
             after = generate(model, tokenizer, p, max_new_tokens)
         rows.append({"prompt": p, "before": before, "after": after})
-    return {
-        "scale": scale,
-        "kl": _masked_mean(kl, mask),
-        "entropy_before": entropy(base),
-        "entropy_after": entropy(steered),
-        "projection_before": proj_before,
-        "projection_after": proj_after,
-        "generations": rows,
-    }
+    return SteeringEffect(scale, _masked_mean(kl, mask), entropy(base), entropy(steered), proj_before, proj_after, rows)

@@ -2,7 +2,7 @@
 
     res = actscope.subspace_patch(model, tok, clean, corrupted, "blocks.6.mlp.hook_post", U,
                                   target=" Paris", foil=" Rome")
-    res["null_fraction"]   # share of each direction that the next reader cannot see
+    res.null_fraction      # share of each direction that the next reader cannot see (also res["null_fraction"])
 
 Patching a subspace ``U`` (``[d, k]``, orthonormalised here) replaces only the component of the
 activation inside it: ``h <- h_corrupt + U U^T (h_clean - h_corrupt)`` at the chosen positions.
@@ -25,9 +25,12 @@ import torch
 from ..errors import ActscopeError
 from ..families import family_of, linear_weight, reader_weight
 from ..hooks import edits
-from .patch import Metric, make_metric, normalised
 from ..sites import Site, SiteMap, site_map
 from ..trace import trace
+from .edits import bind, replace_at
+from .metrics import Metric, measure, normalised
+from .prompts import encode_pair
+from .results import SubspaceResult
 
 
 def _readers(model: Any, site: Site, sm: SiteMap) -> torch.Tensor:
@@ -80,41 +83,31 @@ def subspace_patch(
     metric: str | Metric = "logit_diff",
     target: str | int | None = None,
     foil: str | int | None = None,
-) -> dict:
+) -> SubspaceResult:
     """Patch the span of ``directions`` (``[d, k]``) at ``site`` and ``positions`` (default all)
     from the clean run into the corrupted run; see the module docstring."""
     sm = site_map(model)
     (s,) = sm.resolve([site])
     if s.view is not None or s.needs_eager_attention:
         raise ActscopeError(f"subspace patching needs a [batch, pos, d] site, not {site}")
-    clean_ids = tokenizer(clean, return_tensors="pt").input_ids.to(model.device)
-    corrupt_ids = tokenizer(corrupted, return_tensors="pt").input_ids.to(model.device)
-    if clean_ids.shape != corrupt_ids.shape:
-        raise ActscopeError("subspace patching needs prompts of the same length in tokens")
+    clean_ids, corrupt_ids = encode_pair(tokenizer, clean, corrupted, model.device, what="subspace patching")
     U = directions.reshape(directions.shape[0], -1).float()
     q, _ = torch.linalg.qr(U)
     with torch.inference_mode(), trace(model, [s]) as cache:
         clean_logits = model(input_ids=clean_ids, use_cache=False).logits[:, -1]
         corrupt_logits = model(input_ids=corrupt_ids, use_cache=False).logits[:, -1]
-    measure = make_metric(tokenizer, metric, target, foil, clean_logits)  # "kl" needs the clean logits
-    m_clean, m_corrupt = float(measure(clean_logits)[0]), float(measure(corrupt_logits)[0])
+    # "kl" needs the clean logits; logit_diff's default foil is the corrupted run's top token, as in patch()
+    m = measure(tokenizer, metric, target=target, foil=foil, clean_logits=clean_logits, corrupt_logits=corrupt_logits)
+    m_clean, m_corrupt = float(m(clean_logits)[0]), float(m(corrupt_logits)[0])
     h_clean, h_corrupt = cache.all(s.name)
     if q.shape[0] != h_clean.shape[-1]:
         raise ActscopeError(f"directions have {q.shape[0]} dims; {site} has {h_clean.shape[-1]}")
     pos = list(range(corrupt_ids.shape[1])) if positions is None else list(positions)
-    delta = (h_clean - h_corrupt)[:, pos] @ q @ q.T  # the clean-minus-corrupt part inside the subspace
-
-    def swap(h: torch.Tensor) -> torch.Tensor:
-        h = h.clone()
-        h[:, pos] = h[:, pos] + delta.to(h.dtype)
-        return h
-
-    with torch.inference_mode(), edits(model, [(s, swap)]):
-        m_patched = float(measure(model(input_ids=corrupt_ids, use_cache=False).logits[:, -1])[0])
+    # the corrupted run with its component inside the subspace swapped for the clean run's
+    delta = (h_clean - h_corrupt)[:, pos].float() @ q @ q.T
+    h_patched = h_corrupt[:, pos] + delta.to(h_corrupt.dtype)
+    with torch.inference_mode(), edits(model, [bind(s, replace_at(h_patched, positions=pos))]):
+        m_patched = float(m(model(input_ids=corrupt_ids, use_cache=False).logits[:, -1])[0])
     frac = null_fraction(_readers(model, s, sm), q)
-    return {
-        "site": s.name, "positions": pos, "metric_clean": m_clean, "metric_corrupted": m_corrupt,
-        "metric_patched": m_patched,
-        "effect": float(normalised(torch.tensor(m_patched), m_clean, m_corrupt)),
-        "null_fraction": frac.tolist(),
-    }
+    return SubspaceResult(s.name, pos, m_clean, m_corrupt, m_patched,
+                          float(normalised(torch.tensor(m_patched), m_clean, m_corrupt)), frac.tolist(), m.foil)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -195,20 +198,61 @@ class ScanReport:
         return Path(path)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``report.json``, ``report.html`` and ``neurons.safetensors`` into ``folder``."""
+        """Write ``report.json``, ``report.html`` and ``neurons.safetensors`` as one folder.
+
+        The three files are written into a temporary sibling folder that then replaces ``folder``
+        by renames, so a kill at any moment leaves the old report or the new one, never a new
+        ``report.json`` beside an old ``report.html``.
+        """
         from safetensors.torch import save
 
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        self.to_json(out / "report.json")
-        self.save_html(out / "report.html")
-        _atomic_write(out / "neurons.safetensors", save({k: v.contiguous() for k, v in self.arrays.items()}))
+        out = check_report_folder(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            self.to_json(tmp / "report.json")
+            self.save_html(tmp / "report.html")
+            _atomic_write(tmp / "neurons.safetensors", save({k: v.contiguous() for k, v in self.arrays.items()}))
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return out / "report.html"
 
     def _repr_html_(self) -> str:
         from .html import render
 
         return render(self.data, self.arrays, fragment=True)
+
+
+REPORT_FILES = ("report.json", "report.html", "neurons.safetensors")
+
+
+def check_report_folder(folder: str | os.PathLike) -> Path:
+    """Check that ``folder`` can take a report, before a scan spends its pass: refused when it is a
+    file, holds files that are not a report's (the whole folder is replaced), or cannot be written."""
+    from ..errors import ActscopeError
+
+    out = Path(folder).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ActscopeError(f"--out {out} is a file; give a folder for the report")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+        if foreign:
+            raise ActscopeError(f"--out {out} holds other files ({', '.join(foreign[:3])}); the report replaces the "
+                                "folder as a whole: choose an empty or new folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise ActscopeError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

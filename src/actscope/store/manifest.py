@@ -62,7 +62,7 @@ def plan_id(manifest: dict) -> str:
 
 def _need(cond: bool, where: str, what: str) -> None:
     if not cond:
-        raise StoreError(f"{where}: invalid manifest: {what}; re-record the store (record --overwrite)")
+        raise StoreError(f"{where}: invalid manifest: {what}; re-record the store with `record --overwrite`")
 
 
 def _pos_int(m: dict, key: str, where: str) -> int:
@@ -113,7 +113,7 @@ def read_manifest(loc: Location) -> dict | None:
     try:
         manifest = json.loads(loc.read_bytes(MANIFEST))
     except (ValueError, UnicodeDecodeError):
-        raise StoreError(f"{where}: corrupted manifest (not JSON)") from None
+        raise StoreError(f"{where}: corrupted manifest (not JSON); re-record the store with `record --overwrite`") from None
     except IsADirectoryError:
         raise StoreError(f"{where} is a directory, not a manifest") from None
     return validate_manifest(manifest, where)

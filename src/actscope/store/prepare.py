@@ -52,7 +52,7 @@ def existing_manifest(loc: Location, overwrite: bool) -> dict | None:
         if foreign:
             raise StoreError(f"{loc.path(MANIFEST)} is not an actscope manifest; choose another --out") from None
         if not overwrite:
-            raise StoreError(f"{exc}; or pass --overwrite to start this store afresh") from None
+            raise exc from None  # its message already points to --overwrite
         log.warning("%s: replacing a damaged manifest (--overwrite)", loc.path(MANIFEST))
         return None
 
