@@ -13,6 +13,7 @@ dictionary_learning folders.
 
 from .base import ARCHITECTURES, SAEError, SparseAutoencoder
 from .batchtopk import BatchTopKSAE
+from .evaluate import evaluate
 from .io import load, save_pretrained
 from .jumprelu import JumpReLUSAE
 from .relu import ReLUSAE
@@ -20,7 +21,7 @@ from .topk import TopKSAE
 from .train import Job, train
 
 __all__ = ["ARCHITECTURES", "BatchTopKSAE", "Job", "JumpReLUSAE", "ReLUSAE", "SAEError", "SparseAutoencoder",
-           "TopKSAE", "load", "save_pretrained", "train", "make"]
+           "TopKSAE", "evaluate", "load", "save_pretrained", "train", "make"]
 
 
 def make(architecture: str, **hyperparameters) -> SparseAutoencoder:
