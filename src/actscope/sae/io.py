@@ -57,7 +57,8 @@ def save_pretrained(sae: SparseAutoencoder, folder: str | Path) -> Path:
             "sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
             "model_name": meta.get("model_name") or "", "hook_name": sae.site_, "hook_head_index": None,
             "actscope": {"version": __version__, "architecture": sae.architecture, "site": sae.site_,
-                         "target_site": sae.target_site_, **{k: v for k, v in meta.items() if k != "model_name"}},
+                         "target_site": sae.target_site_, **{k: v for k, v in meta.items() if k != "model_name"},
+                         "hyperparameters": sae.get_params()},
         },
     }
     if sae.transcoder:
