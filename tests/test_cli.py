@@ -251,6 +251,8 @@ TAKES = {  # command -> the shared options it takes
     "causal-trace": ["model", "out", "device", "prompt"],
     "sparsify calibrate": ["model", "data", "out", "device", "seq_len", "max_tokens", "batch_size"],
     "sparsify eval": ["model", "data", "out", "device", "seq_len", "batch_size"],
+    "sae train": ["store", "out", "batch_size"],
+    "sae eval": ["store", "out", "model", "batch_size", "device"],
 }
 
 

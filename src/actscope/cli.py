@@ -316,9 +316,11 @@ def trace_alias(*args, **kwargs) -> None:  # the old name, which clashed with th
     causal_trace_cmd(*args, **kwargs)
 
 
-from .cli_sparsify import sparsify_app  # noqa: E402  (sub-commands live in their own module)
+from .cli_sae import sae_app  # noqa: E402  (sub-commands live in their own module)
+from .cli_sparsify import sparsify_app  # noqa: E402
 
 app.add_typer(sparsify_app, name="sparsify")
+app.add_typer(sae_app, name="sae")
 
 
 def main() -> None:
