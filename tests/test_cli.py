@@ -253,6 +253,7 @@ TAKES = {  # command -> the shared options it takes
     "sparsify eval": ["model", "data", "out", "device", "seq_len", "batch_size"],
     "sae train": ["store", "out", "batch_size"],
     "sae eval": ["store", "out", "model", "batch_size", "device"],
+    "nmf fit": ["store", "out", "model", "device"],
 }
 
 

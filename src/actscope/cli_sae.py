@@ -99,3 +99,39 @@ def eval_cmd(
              "ce_delta"]
     typer.echo("  ".join(f"{k} {result[k]:.4g}" for k in shown if k in result))
     typer.echo(f"metrics: {path.resolve()}")
+
+
+nmf_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="Semi-NMF of MLP activations, streamed from an activation store.")
+
+
+@nmf_app.command("fit")
+def nmf_fit_cmd(
+    store: StoreDir,
+    out: Out,
+    site: Annotated[str, typer.Option("--site", help="the store site, e.g. blocks.6.mlp.hook_post")],
+    rank: Annotated[int, typer.Option("--rank", help="number of features")] = 64,
+    keep_share: Annotated[float, typer.Option(
+        "--keep-share", help="share of neurons each feature keeps (winner-take-all)")] = 0.05,
+    max_iter: Annotated[int, typer.Option("--max-iter", help="iterations at most")] = 100,
+    tol: Annotated[float, typer.Option("--tol", help="stop when the loss improves by less than this share")] = 1e-5,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", help="use the store's first N tokens")] = None,
+    model: Annotated[Optional[str], Model.__metadata__[0]] = None,
+    device: Device = "auto",
+) -> None:
+    """Fit F (features over neurons) and G >= 0 (codes per token); writes features.safetensors,
+    nmf.json and codes.npy to --out. With --model, the features in residual space (W_out f) too."""
+    from .nmf import SemiNMF
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    nmf = SemiNMF(rank, keep_share=keep_share, max_iter=max_iter, tol=tol).fit(
+        store, site, tokens=tokens, codes_path=folder / "codes.npy")
+    m = None
+    if model is not None:
+        from .models import load_model
+
+        m, _ = load_model(model, device=device_name(device))
+    nmf.save(folder, model=m)
+    typer.echo(f"semi-NMF rank {rank} on {nmf.tokens_} tokens: {len(nmf.loss_history_)} iterations, "
+               f"relative loss {nmf.relative_loss_:.4f} -> {folder.resolve()}")
