@@ -135,3 +135,32 @@ def nmf_fit_cmd(
     nmf.save(folder, model=m)
     typer.echo(f"semi-NMF rank {rank} on {nmf.tokens_} tokens: {len(nmf.loss_history_)} iterations, "
                f"relative loss {nmf.relative_loss_:.4f} -> {folder.resolve()}")
+
+
+@sae_app.command("features")
+def features_cmd(
+    sae: Annotated[str, typer.Option("--sae", help="an SAE folder (ours, SAELens, sparsify or dictionary_learning)")],
+    store: StoreDir,
+    out: Out = "runs/sae-features",
+    model: Annotated[Optional[str], Model.__metadata__[0]] = None,
+    top: Annotated[int, typer.Option("--top", help="top contexts kept per latent")] = 10,
+    device: Device = "auto",
+) -> None:
+    """Top activating contexts, density, nearest latents (and with --model, logit effects and
+    readable tokens) per latent, in one pass; writes features.html, features.json and Neuronpedia
+    batch-N.json files to --out."""
+    from .sae import load
+    from .sae.features import feature_data, write_browser, write_neuronpedia
+
+    fitted = load(sae)
+    m = tok = None
+    if model is not None:
+        from .models import load_model
+
+        m, tok = load_model(model, device=device_name(device))
+    records = feature_data(fitted, store, tokenizer=tok, model=m, top=top)
+    folder = Path(out)
+    page = write_browser(records, folder / "features.html", title=f"{fitted.site_} ({fitted.architecture})")
+    (folder / "features.json").write_text(json.dumps(records))
+    write_neuronpedia(records, folder / "neuronpedia", fitted.meta_.get("model_name") or "model", str(fitted.site_))
+    typer.echo(f"{len(records)} latents -> {page.resolve()}")
