@@ -251,9 +251,13 @@ TAKES = {  # command -> the shared options it takes
     "causal-trace": ["model", "out", "device", "prompt"],
     "sparsify calibrate": ["model", "data", "out", "device", "seq_len", "max_tokens", "batch_size"],
     "sparsify eval": ["model", "data", "out", "device", "seq_len", "batch_size"],
-    "compare cka": ["out", "max_tokens"],
-    "compare encode": ["out"],
-    "compare probe": ["out"],
+    "compare cka": ["store", "out", "max_tokens"],
+    "compare encode": ["store", "out"],
+    "compare probe": ["store", "out"],
+    "sae train": ["store", "out", "batch_size"],
+    "sae eval": ["store", "out", "model", "batch_size", "device"],
+    "nmf fit": ["store", "out", "model", "device"],
+    "sae features": ["store", "out", "model", "device"],
 }
 
 

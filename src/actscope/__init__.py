@@ -90,3 +90,16 @@ __all__ = [
     "route_experts",
     "trace",
 ]
+
+_LAZY_SUBPACKAGES = ("sae", "nmf")  # heavier, or optional: imported on first attribute access
+
+
+def __getattr__(name: str):
+    """``actscope.sae`` and ``actscope.nmf`` import on first use, so ``import actscope`` stays fast."""
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'actscope' has no attribute {name!r}")

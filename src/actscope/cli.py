@@ -350,9 +350,12 @@ def trace_alias(*args, **kwargs) -> None:  # the old name, which clashed with th
     causal_trace_cmd(*args, **kwargs)
 
 
-from .cli_sparsify import sparsify_app  # noqa: E402  (sub-commands live in their own module)
+from .cli_sae import nmf_app, sae_app  # noqa: E402  (sub-commands live in their own module)
+from .cli_sparsify import sparsify_app  # noqa: E402
 
 app.add_typer(sparsify_app, name="sparsify")
+app.add_typer(sae_app, name="sae")
+app.add_typer(nmf_app, name="nmf")
 
 from .cli_compare import compare_app  # noqa: E402
 

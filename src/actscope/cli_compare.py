@@ -7,11 +7,10 @@ from typing import List, Optional
 
 import typer
 
-from .cli_options import MaxTokens, Out
+from .cli_options import MaxTokens, Out, StoreDir, StoreDirs
 
 compare_app = typer.Typer(add_completion=False, no_args_is_help=True,
                           help="Compare representations: CKA, brain encoding models, linear probes.")
-_STORE = typer.Option(..., "--store", help="an activation store folder")
 _SITES = typer.Option(["blocks.*.hook_resid_post"], "--sites", "-s", help="site names or globs")
 
 
@@ -46,14 +45,17 @@ def _ints(spec: str, flag: str) -> list[int]:
 
 @compare_app.command("cka")
 def cka_cmd(
-    store: List[str] = typer.Option(..., "--store", help="a store; give a second --store to compare two models"),
+    store: StoreDirs,
     sites: List[str] = typer.Option(["blocks.*.hook_resid_post"], "--sites", "-s",
                                     help="sites of the first store; a second --sites for the second store"),
     out: Out = "runs/compare-cka",
     guard: bool = typer.Option(True, "--guard/--no-guard", help="also the guarded CKA (z-scored, position 0 left out)"),
     max_tokens: MaxTokens = None,
 ) -> None:
-    """Linear CKA (biased and debiased, exact, one pass) between every pair of sites -> cka.json + heatmaps."""
+    """Linear CKA (biased and debiased, exact, one pass) between every pair of sites -> cka.json + heatmaps.
+
+    A second --store (recorded on the same tokens) compares two models: sites of A x sites of B.
+    """
     from .compare import stream_cka
     from .errors import ActscopeError
 
@@ -81,7 +83,7 @@ def cka_cmd(
 
 @compare_app.command("encode")
 def encode_cmd(
-    store: str = _STORE,
+    store: StoreDir,
     sites: List[str] = _SITES,
     responses: str = typer.Option(..., "--responses", help="[TRs, voxels] responses (.npy)"),
     runs: Optional[str] = typer.Option(None, "--runs", help="run label per TR (.npy or one per line)"),
@@ -113,7 +115,7 @@ def encode_cmd(
 
 @compare_app.command("probe")
 def probe_cmd(
-    store: str = _STORE,
+    store: StoreDir,
     sites: List[str] = _SITES,
     labels: str = typer.Option(..., "--labels", help="JSONL/CSV: label + token | sequence,position | doc"),
     folds: int = typer.Option(5, "--folds", help="cross-validation folds (contiguous)"),

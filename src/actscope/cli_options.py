@@ -27,11 +27,14 @@ MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", help="read at 
 BatchSize = Annotated[int, typer.Option("--batch-size", help="sequences per forward pass")]
 TextField = Annotated[str, typer.Option("--text-field", help="the text field of JSONL/Parquet rows")]
 Prompt = Annotated[str, typer.Option("--prompt", "-p", help="the prompt")]
+STORE_HELP = "an activation store folder, from `actscope record`"
+StoreDir = Annotated[str, typer.Option("--store", help=STORE_HELP)]
+StoreDirs = Annotated[List[str], typer.Option("--store", help=STORE_HELP)]  # commands that take one or two
 
 #: option name -> the shared flags, for tests and for anyone adding a command
 SHARED = {"model": ("--model", "-m"), "data": ("--data", "-d"), "out": ("--out", "-o"), "device": ("--device",),
           "seq_len": ("--seq-len",), "max_tokens": ("--max-tokens",), "batch_size": ("--batch-size",),
-          "text_field": ("--text-field",), "prompt": ("--prompt", "-p")}
+          "text_field": ("--text-field",), "prompt": ("--prompt", "-p"), "store": ("--store",)}
 
 
 def device_name(device: str) -> str:

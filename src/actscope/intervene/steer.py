@@ -50,6 +50,25 @@ class SteeringVector:
     def layers(self) -> list[int]:
         return sorted(self.directions)
 
+    @classmethod
+    def from_sae(cls, sae: Any, latent: int) -> "SteeringVector":
+        """One SAE latent as a steering direction: its decoder row, unit norm, at the SAE's layer.
+
+        The decoder row is what the latent adds to the residual stream when it fires, so steering
+        along it is "more of this feature". Only SAEs on ``blocks.L.hook_resid_post`` qualify, the
+        site that steering writes to; the scale is calibrated by ``steer`` as for any vector.
+        """
+        import re
+
+        match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", str(getattr(sae, "site_", "")))
+        if match is None or getattr(sae, "transcoder", False):
+            raise ActscopeError(f"steering needs an SAE on blocks.L.hook_resid_post, not {getattr(sae, 'site_', None)!r}")
+        if not 0 <= latent < sae.d_sae:
+            raise ActscopeError(f"latent {latent} is out of range: this SAE has {sae.d_sae} latents")
+        row = sae.W_dec_[latent].float()
+        return cls({int(match.group(1)): row / row.norm().clamp_min(1e-12)}, "sae_latent",
+                   meta={"latent": latent, "site": sae.site_})
+
     # --- saving, HF style -------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Everything but the vectors themselves (they go to safetensors): config and per-layer norms."""
