@@ -16,6 +16,7 @@ from .models import load_model
 from .intervene.patch import PatchResult, patch
 from .record import record
 from .scan import ScanConfig, scan
+from .intervene.results import SteeringEffect, SubspaceResult
 from .intervene.subspace import subspace_patch
 from .intervene.steer import SteeringVector, ablate_direction, steer, steering_vector
 from .intervene.experts import route_experts
@@ -73,6 +74,8 @@ __all__ = [
     "ablate",
     "site_mean",
     "AttributionResult",
+    "SteeringEffect",
+    "SubspaceResult",
     "attribution_patch",
     "causal_trace",
     "compare",

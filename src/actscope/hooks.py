@@ -120,13 +120,16 @@ def edits(model: nn.Module, pairs: Iterable[tuple[Site, Edit]]) -> Iterator[None
 
     Attention patterns are read-only: the attention module returns its pattern beside an output
     it has already computed from it, so an edit there would silently change nothing.
+
+    Several edits of one site run in the order given: each is prepended (ahead of observers), so
+    they are registered last first.
     """
     pairs = list(pairs)
     patterns = [site.name for site, _ in pairs if site.needs_eager_attention]
     if patterns:
         raise SiteError(f"{patterns[0]} cannot be edited: the attention output is computed before the pattern "
                         "is returned, so the edit would change nothing; edit attn.hook_z (per head) instead")
-    with hooks([lambda s=site, f=fn: edit_site(model, s, f) for site, fn in pairs]):
+    with hooks([lambda s=site, f=fn: edit_site(model, s, f) for site, fn in reversed(pairs)]):
         yield
 
 
