@@ -70,6 +70,75 @@ def test_kernel_equals_masked_dense(dtype, rows, kind):
     assert op_counter.tolist() == ref_counter.tolist()
 
 
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request):
+    """Each instruction-set path of the CPU kernel, forced in turn (the best one is put back)."""
+    kern = cpu_kernel()
+    assert kern is not None
+    if request.param not in kern.supported_isas():
+        pytest.skip(f"this CPU has no {request.param} ({kern.supported_isas()}); "
+                    "that path is tested on a CPU that has it")
+    kern.set_isa(request.param)
+    yield request.param
+    kern.set_isa("")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("d_out", [75, 64, 300])
+def test_every_isa_path_equals_masked_dense(isa, dtype, rows, d_out):
+    """Forced scalar / AVX2 / AVX-512 paths against the masked dense computation: 16- and 8-wide
+    bodies with their tails (75, 300), kept-row counts that are not a multiple of the 8-row group,
+    and prefetching further ahead."""
+    kern = cpu_kernel()
+    assert kern.isa() == isa
+    g = torch.Generator().manual_seed(rows * 1000 + d_out)
+    for d_in, thresh_value in ((203, 0.7), (1000, 1.1), (37, 0.0)):
+        x = torch.randn(rows, d_in, generator=g).to(dtype)
+        wt = torch.randn(d_in, d_out, generator=g).to(dtype)
+        bias = torch.randn(d_out, generator=g).to(dtype)
+        thresh = torch.tensor([thresh_value])
+        for groups in (1, 3):
+            kern.set_prefetch_groups(groups)
+            counter, ref_counter = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+            got = kern.sparse_linear(x, wt, bias, thresh, torch.empty(0), counter)
+            want = reference(x, wt, bias, thresh, None, ref_counter)
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * 10), (d_in, groups)
+            assert counter.tolist() == ref_counter.tolist()
+        kern.set_prefetch_groups(1)
+        # the rows kernel (RowsLinear) on the same path
+        w = wt.t().contiguous()
+        idx = torch.arange(0, d_out, 3)
+        got = kern.rows_linear(x, w, idx)
+        want = torch.zeros(rows, d_out)
+        want[:, idx] = x.float() @ w[idx].float().t()
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        assert torch.allclose(got.float(), want, rtol=tol, atol=tol * d_in ** 0.5)
+    # the streaming read the bench measures against: a plain sum of the bytes
+    t = torch.randn(4099)
+    assert kern.stream_read(t) == pytest.approx(float(t.double().sum()), abs=1e-2)
+
+
+def test_isa_forced_by_environment_and_refused_when_unknown():
+    import os
+    import subprocess
+    import sys
+
+    code = "from actscope.sparsify.kernel import cpu_isa; print(cpu_isa())"
+    for name in ("scalar", "avx2"):
+        if name not in cpu_kernel().supported_isas():
+            continue
+        run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ACTSCOPE_KERNEL_ISA=name),
+                             capture_output=True, text=True, timeout=300)
+        assert run.stdout.strip().splitlines()[-1] == name, run.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-W", "always", "-c", code],
+                         env=dict(os.environ, ACTSCOPE_KERNEL_ISA="sse9"), capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip().splitlines()[-1] == "None" and "unknown instruction set 'sse9'" in run.stderr
+    with pytest.raises(RuntimeError, match="unknown instruction set"):
+        cpu_kernel().set_isa("sse9")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_kernel_equals_selected_rows(dtype):
     kern = cpu_kernel()
@@ -132,6 +201,47 @@ def test_state_dict_unchanged_inside_apply(llama):
     keys = list(llama.state_dict())
     with apply(llama, config):
         assert list(llama.state_dict()) == keys
+
+
+def _storage_bytes(model) -> int:
+    """Bytes of the distinct storages behind the model's parameters and its SparseLinears' kernel weights."""
+    seen = {}
+    tensors = [p for p in model.parameters()]
+    tensors += [m._wt for m in model.modules() if isinstance(m, SparseLinear) and m._wt is not None]
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method", ["teal", "cats"])
+@pytest.mark.parametrize("inference", [True, False])
+def test_weights_stored_once_inside_apply_and_restored_exactly(llama, method, inference):
+    """No second copy of any weight inside ``apply``; on exit the same values, strides, and no
+    inference tensors (even when ``apply`` ran inside ``inference_mode``)."""
+    config = calibrate(llama, method=method, sparsity=0.5, tokens=_tokens(4), progress=False)
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    strides = {k: v.stride() for k, v in llama.state_dict().items()}
+    params = {k: id(v) for k, v in llama.named_parameters()}
+    dense_bytes = _storage_bytes(llama)
+    ids = torch.randint(3, VOCAB, (1, 5))
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx, apply(llama, config) as handle:
+        assert _storage_bytes(llama) == dense_bytes  # the kernel reads the Parameter's own storage
+        for m in handle.modules.values():
+            assert m._wt.is_contiguous() and m._wt.data_ptr() == m.weight.data_ptr()
+        state = llama.state_dict()
+        assert all(torch.equal(state[k], before[k]) for k in before)  # same values, transposed views
+        out = llama(ids, use_cache=True)  # prefill: the dense path on the views
+        llama(ids[:, -1:], **with_cache(output_cache(out)), use_cache=True)  # a decode step: the kernel
+    after = llama.state_dict()
+    assert {k: id(v) for k, v in llama.named_parameters()} == params  # the same Parameter objects
+    for k, v in after.items():
+        assert torch.equal(v, before[k]) and v.stride() == strides[k] and v.is_contiguous(), k
+        assert not v.is_inference(), k
+    assert _storage_bytes(llama) == dense_bytes
+    llama(ids).logits.sum().backward()  # still trainable: the weights are normal tensors
+    llama.zero_grad(set_to_none=True)
 
 
 # --- calibration against independent computations ---------------------------------------------------

@@ -2,7 +2,9 @@
 
 Inside the block, each sparsified ``nn.Linear`` is swapped for a ``SparseLinear`` that holds the
 *same* parameters (so ``state_dict`` keys and values do not change) and thresholds its input
-before multiplying. Few rows at a time (decoding) go to the sparse kernel, which reads only the
+before multiplying. Each such weight is stored once, in the layout the sparse kernel reads
+(``W^T`` [in, out] contiguous); the Parameter becomes a transposed view of that storage, so the
+model's memory does not grow, and on exit the original layout is copied back bit for bit. Few rows at a time (decoding) go to the sparse kernel, which reads only the
 weight rows of kept inputs; many rows (prefill, evaluation) use a masked dense matmul with the
 same keep rule. For the MLP-activation methods (CATS, CHESS, Top-k, CoreInfer) the activation
 module is swapped for a ``SparseAct``; the down projection then skips the channels that became
@@ -62,6 +64,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("scale", None if scale is None else scale.to(dev, torch.float32), persistent=False)
         self.counter = torch.zeros(2, dtype=torch.int64, device=dev)  # kept inputs, all inputs
         self._wt: torch.Tensor | None = None
+        self._stride: tuple[int, ...] | None = None  # the weight's strides before to_kernel_layout()
         self.original = [linear]  # a list, so the original is not registered as a child module
         self._cpu = None  # the compiled kernel, bound once on CPU so decoding skips the dispatch
         self._wt_dtype: torch.dtype | None = None
@@ -74,13 +77,47 @@ class SparseLinear(nn.Module):
             self._cpu = kernel.cpu_kernel()
             if self._cpu is not None:
                 self._wt_dtype = linear.weight.dtype
-                self.transposed()
+
+    def to_kernel_layout(self) -> bool:
+        """Store the weight once, as the kernel reads it: ``W^T`` [in, out] contiguous, with the
+        Parameter's data a transposed *view* ``[out, in]`` of that same storage.
+
+        ``F.linear`` (prefill, the dense path), ``state_dict`` and the module's users see the same
+        values and shape as before; only the strides change, and no second copy of the weight
+        exists. Returns whether the weight was moved (``restore_layout`` undoes exactly that).
+        """
+        w = self.weight
+        if self.weight_in_out or w.t().is_contiguous() or self._stride is not None:
+            self._wt = self.transposed()  # already [in, out] in memory: a view, nothing copied
+            return False
+        self._stride = tuple(w.stride())
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors, even inside inference_mode
+            wt = w.detach().t().contiguous()
+            w.data = wt.t()
+        self._wt = wt
+        return True
+
+    def restore_layout(self) -> None:
+        """Give the weight back its original strides (values bit-identical), one copy at a time."""
+        if self._stride is None:
+            return
+        w = self.weight
+        with torch.inference_mode(False), torch.no_grad():
+            back = torch.empty_strided(w.shape, self._stride, dtype=w.dtype, device=w.device)
+            back.copy_(w.detach())
+            w.data = back
+        self._wt, self._stride = None, None
 
     def transposed(self) -> torch.Tensor:
-        """``W^T`` [in, out], made on first use: each input channel's weights become contiguous."""
-        if self._wt is None or self._wt.dtype != self.weight.dtype:
-            w = self.weight.detach()
-            self._wt = w.contiguous() if self.weight_in_out else w.t().contiguous()
+        """``W^T`` [in, out]: a view when the weight is stored that way (always inside ``apply``),
+        else a copy made on first use (a ``SparseLinear`` built outside ``apply``)."""
+        w = self.weight.detach()
+        if self.weight_in_out:
+            return w if w.is_contiguous() else w.contiguous()
+        if w.t().is_contiguous():
+            return w.t()
+        if self._wt is None or self._wt.dtype != w.dtype or self._wt.shape != w.t().shape:
+            self._wt = w.t().contiguous()
         return self._wt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +127,7 @@ class SparseLinear(nn.Module):
                 from . import ops
 
                 y = ops.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self._scale, self.counter)
-            elif self._cpu is not None and x2.dtype == self._wt_dtype:  # the hot path of CPU decoding
+            elif self._cpu is not None and x2.dtype == self._wt_dtype and self._wt is not None:  # CPU decoding
                 y = self._cpu.sparse_linear(x2, self._wt, self.bias, self.thresh, self._scale, self.counter)
             else:
                 y = kernel.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self.scale, self.counter)
@@ -297,17 +334,38 @@ def apply(model: nn.Module, config: SparsityConfig | str) -> Iterator[SparsityHa
     plan = _plan(model, config, state)
     originals = {path: model.get_submodule(path) for path in plan}
     handle = None
+    moved: list[SparseLinear] = []
     try:
         if config.method == "coreinfer":
             handle = hook_module(model, _prompt_detector(state), when="before")
         for path, new in plan.items():
             _swap(model, path, new)
+        for new in plan.values():  # one weight at a time: the peak is one extra matrix, then none
+            if isinstance(new, SparseLinear) and new.to_kernel_layout():
+                moved.append(new)
+        _release_freed_memory()
         yield SparsityHandle({p: m for p, m in plan.items() if isinstance(m, SparseLinear)}, config)
     finally:
         if handle is not None:
             handle.remove()
+        for new in moved:
+            new.restore_layout()
         for path, original in originals.items():
             _swap(model, path, original)
+        if moved:
+            _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed weight copies back to the OS (glibc keeps some freed blocks otherwise)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
 
 
 def _prompt_detector(state: _CoreState):
