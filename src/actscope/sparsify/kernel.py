@@ -57,7 +57,9 @@ def cpu_kernel(verbose: bool = False) -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
-        flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+        # no -march: one build runs on every CPU of its architecture; the vector loops are
+        # compiled per instruction set inside the source and picked at run time (cpu_isa())
+        flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
         _state["cpu"] = load(
             name="actscope_sparse_linear", sources=[str(_SRC)], extra_cflags=flags,
             extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()), verbose=verbose,
@@ -70,6 +72,22 @@ def cpu_kernel(verbose: bool = False) -> Any | None:
         )
         _state["cpu"] = None
     return _state["cpu"]
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernel runs (``scalar``, ``avx2`` or ``avx512``), or ``None``
+    without a kernel. Picked from cpuid at load: the widest this CPU has. ``ACTSCOPE_KERNEL_ISA``
+    (set before the kernel loads) or ``set_cpu_isa`` forces one."""
+    kern = cpu_kernel()
+    return None if kern is None else kern.isa()
+
+
+def set_cpu_isa(name: str | None) -> None:
+    """Force the CPU kernel's instruction set (``None``: the best this CPU has). Raises
+    ``RuntimeError`` for one this CPU lacks (``cpu_kernel().supported_isas()`` lists them)."""
+    kern = cpu_kernel()
+    if kern is not None:
+        kern.set_isa(name or "")
 
 
 def gpu_kernel() -> Any | None:
@@ -136,6 +154,6 @@ def sparse_linear(
     return reference(x, wt, bias, thresh, scale, counter)
 
 
-def kernel_status() -> dict[str, bool]:
-    """Which kernels are usable here: ``{"cpu": ..., "gpu": ...}``."""
-    return {"cpu": cpu_kernel() is not None, "gpu": gpu_kernel() is not None}
+def kernel_status() -> dict[str, Any]:
+    """Which kernels are usable here: ``{"cpu": ..., "gpu": ..., "cpu_isa": ...}``."""
+    return {"cpu": cpu_kernel() is not None, "gpu": gpu_kernel() is not None, "cpu_isa": cpu_isa()}

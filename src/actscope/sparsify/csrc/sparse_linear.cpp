@@ -4,15 +4,25 @@
 //
 // `wt` is the transposed weight [in, out], so each kept input channel is one contiguous row:
 // at 50% sparsity half the weight bytes are never touched, which is what makes memory-bound
-// single-batch decoding faster. For several rows (t) the union of kept channels is read once.
+// decoding faster. For several rows (t) the union of kept channels is read once: each kept
+// weight row is loaded from memory exactly once per call, whatever the number of rows.
 // Accumulation is in float32 for both float32 and bfloat16 weights.
+//
+// One build runs on every x86-64 CPU: nothing here is compiled with -march. The inner loops exist
+// three times -- portable C++, AVX2+FMA, AVX-512 (F/BW/VL) -- the vector ones compiled for their
+// instruction set with `#pragma GCC target`, and one is picked at run time from cpuid
+// (`__builtin_cpu_supports`). ACTSCOPE_KERNEL_ISA=scalar|avx2|avx512 (read at load) or
+// `set_isa(name)` forces a path; forcing one the CPU lacks is an error, not a crash.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#define ACTSCOPE_X86 1
 #endif
 
 namespace {
@@ -25,77 +35,293 @@ inline float load(const at::BFloat16* p, int64_t i) {
   return f;
 }
 
-// acc[0:n] += sum_j xs[j] * rows[j][0:n] for 4 rows at a time (fewer passes over acc).
+// Rows of the weight prefetched ahead, in groups of kept rows. The rows are scattered (only kept
+// channels), so the hardware prefetcher only catches up a few lines into each one; asking for
+// the next group's lines while this group is summed keeps enough misses in flight.
+int g_prefetch_groups = 1;
+
+// ---------------------------------------------------------------------------------------------
+// The block kernel, one signature for every instruction set:
+//   acc[b, 0:n] += sum_j xs[b * ldx + j] * rows[j][0:n]    for b < nb, j < nrows
+// Each weight row is read once; the nb accumulator rows (<= 16 x n floats) stay in L1/L2.
 template <typename W>
-void axpy_rows(float* acc, const W* const* rows, const float* xs, int64_t nrows, int64_t n) {
+using BlockFn = void (*)(float*, const W* const*, const float*, int64_t, int64_t, int64_t, int64_t);
+
+template <typename W>
+void block_scalar(float* acc, const W* const* rows, const float* xs, int64_t ldx, int64_t nb, int64_t nrows,
+                  int64_t n) {
   int64_t j = 0;
   for (; j + 4 <= nrows; j += 4) {
     const W *r0 = rows[j], *r1 = rows[j + 1], *r2 = rows[j + 2], *r3 = rows[j + 3];
-    const float x0 = xs[j], x1 = xs[j + 1], x2 = xs[j + 2], x3 = xs[j + 3];
-#pragma omp simd
-    for (int64_t o = 0; o < n; ++o)
-      acc[o] += x0 * load(r0, o) + x1 * load(r1, o) + x2 * load(r2, o) + x3 * load(r3, o);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = xs + b * ldx + j;
+      float* a = acc + b * n;
+      for (int64_t o = 0; o < n; ++o)
+        a[o] += x[0] * load(r0, o) + x[1] * load(r1, o) + x[2] * load(r2, o) + x[3] * load(r3, o);
+    }
   }
-  for (; j < nrows; ++j) {
-    const W* r = rows[j];
-    const float x = xs[j];
-#pragma omp simd
-    for (int64_t o = 0; o < n; ++o) acc[o] += x * load(r, o);
-  }
+  for (; j < nrows; ++j)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float x = xs[b * ldx + j];
+      float* a = acc + b * n;
+      for (int64_t o = 0; o < n; ++o) a[o] += x * load(rows[j], o);
+    }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-// AVX2 versions: 8 outputs at a time, 8 weight rows per pass over acc, and the next 8 rows
-// prefetched. The rows are scattered (only kept channels), so the hardware prefetcher only
-// catches up a few lines into each one; prefetching them one group ahead made the bfloat16
-// kernel 1.5x faster. Widening 8 bfloat16 to float32 is one zero-extend and one shift.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
+float dot_scalar(const float* x, const float* w, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += x[i] * w[i];
+  return s;
+}
+float dot_scalar(const float* x, const at::BFloat16* w, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += x[i] * load(w, i);
+  return s;
+}
+
+double stream_scalar(const float* p, int64_t n) {
+  float s[8] = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int q = 0; q < 8; ++q) s[q] += p[i + q];
+  for (; i < n; ++i) s[0] += p[i];
+  double t = 0;
+  for (float v : s) t += v;
+  return t;
+}
+
+#ifdef ACTSCOPE_X86
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA: 8 outputs per vector, 8 weight rows per pass over the accumulators.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+inline __m256 ld(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld(const at::BFloat16* p) {  // widen 8 bfloat16: zero-extend, shift into the high half
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-template <typename W>
-void axpy_rows_avx2(float* acc, const W* const* rows, const float* xs, int64_t nrows, int64_t n) {
-  constexpr int R = 8;
+template <typename W, int R>
+inline void group(float* acc, const W* const* rows, const float* xs, int64_t ldx, int64_t nb, int64_t n,
+                  const W* const* next) {
   constexpr int64_t LINE = 64 / sizeof(W);  // elements per cache line: one prefetch each
-  int64_t j = 0;
-  for (; j + R <= nrows; j += R) {
+  int64_t o = 0;
+  if (nb == 1) {
     __m256 xv[R];
-    for (int q = 0; q < R; ++q) xv[q] = _mm256_set1_ps(xs[j + q]);
-    const bool ahead = j + 2 * R <= nrows;
-    int64_t o = 0;
+    for (int q = 0; q < R; ++q) xv[q] = _mm256_set1_ps(xs[q]);
     for (; o + 8 <= n; o += 8) {
-      if (ahead && (o % LINE) == 0)
-        for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(rows[j + R + q] + o), _MM_HINT_T0);
+      if (next && (o % LINE) == 0)
+        for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(next[q] + o), _MM_HINT_T0);
       __m256 a = _mm256_loadu_ps(acc + o);
-      for (int q = 0; q < R; ++q) a = _mm256_fmadd_ps(xv[q], load8(rows[j + q] + o), a);
+      for (int q = 0; q < R; ++q) a = _mm256_fmadd_ps(xv[q], ld(rows[q] + o), a);
       _mm256_storeu_ps(acc + o, a);
     }
-    for (; o < n; ++o)
-      for (int q = 0; q < R; ++q) acc[o] += xs[j + q] * load(rows[j + q], o);
+  } else {
+    for (; o + 8 <= n; o += 8) {
+      if (next && (o % LINE) == 0)
+        for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(next[q] + o), _MM_HINT_T0);
+      __m256 w[R];
+      for (int q = 0; q < R; ++q) w[q] = ld(rows[q] + o);
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* x = xs + b * ldx;
+        __m256 a = _mm256_loadu_ps(acc + b * n + o);
+        for (int q = 0; q < R; ++q) a = _mm256_fmadd_ps(_mm256_set1_ps(x[q]), w[q], a);
+        _mm256_storeu_ps(acc + b * n + o, a);
+      }
+    }
   }
-  for (; j < nrows; ++j) {
-    const W* r = rows[j];
-    const __m256 x = _mm256_set1_ps(xs[j]);
-    int64_t o = 0;
-    for (; o + 8 <= n; o += 8) _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(x, load8(r + o), _mm256_loadu_ps(acc + o)));
-    for (; o < n; ++o) acc[o] += xs[j] * load(r, o);
+  for (; o < n; ++o)  // tail: fewer than 8 outputs
+    for (int64_t b = 0; b < nb; ++b)
+      for (int q = 0; q < R; ++q) acc[b * n + o] += xs[b * ldx + q] * load(rows[q], o);
+}
+
+template <typename W>
+void block(float* acc, const W* const* rows, const float* xs, int64_t ldx, int64_t nb, int64_t nrows, int64_t n) {
+  constexpr int R = 8;
+  int64_t j = 0;
+  for (; j + R <= nrows; j += R) {
+    const int64_t jn = j + R * g_prefetch_groups;
+    group<W, R>(acc, rows + j, xs + j, ldx, nb, n, jn + R <= nrows ? rows + jn : nullptr);
+  }
+  for (; j < nrows; ++j) group<W, 1>(acc, rows + j, xs + j, ldx, nb, n, nullptr);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename W>
+float dot(const float* x, const W* w, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), ld(w + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), ld(w + i + 8), a1);
+  }
+  float s = hsum(_mm256_add_ps(a0, a1));
+  for (; i < n; ++i) s += x[i] * load(w, i);
+  return s;
+}
+
+double stream(const float* p, int64_t n) {
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int q = 0; q < 4; ++q) a[q] = _mm256_add_ps(a[q], _mm256_loadu_ps(p + i + 8 * q));
+  double s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 (F, BW, VL): 16 outputs per vector, masked loads for the tails.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+namespace avx512 {
+inline __m512 ld(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 ldm(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 ldm(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename W, int R>
+inline void group(float* acc, const W* const* rows, const float* xs, int64_t ldx, int64_t nb, int64_t n,
+                  const W* const* next) {
+  constexpr int64_t LINE = 64 / sizeof(W);
+  int64_t o = 0;
+  if (nb == 1) {
+    __m512 xv[R];
+    for (int q = 0; q < R; ++q) xv[q] = _mm512_set1_ps(xs[q]);
+    for (; o + 16 <= n; o += 16) {
+      if (next && (o % LINE) == 0)
+        for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(next[q] + o), _MM_HINT_T0);
+      __m512 a = _mm512_loadu_ps(acc + o);
+      for (int q = 0; q < R; ++q) a = _mm512_fmadd_ps(xv[q], ld(rows[q] + o), a);
+      _mm512_storeu_ps(acc + o, a);
+    }
+    if (o < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - o)) - 1);
+      __m512 a = _mm512_maskz_loadu_ps(m, acc + o);
+      for (int q = 0; q < R; ++q) a = _mm512_fmadd_ps(xv[q], ldm(rows[q] + o, m), a);
+      _mm512_mask_storeu_ps(acc + o, m, a);
+    }
+    return;
+  }
+  for (; o < n; o += 16) {
+    const __mmask16 m = n - o >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - o)) - 1);
+    if (next && (o % LINE) == 0)
+      for (int q = 0; q < R; ++q) _mm_prefetch(reinterpret_cast<const char*>(next[q] + o), _MM_HINT_T0);
+    __m512 w[R];
+    for (int q = 0; q < R; ++q) w[q] = ldm(rows[q] + o, m);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = xs + b * ldx;
+      __m512 a = _mm512_maskz_loadu_ps(m, acc + b * n + o);
+      for (int q = 0; q < R; ++q) a = _mm512_fmadd_ps(_mm512_set1_ps(x[q]), w[q], a);
+      _mm512_mask_storeu_ps(acc + b * n + o, m, a);
+    }
   }
 }
 
-template <>
-void axpy_rows<float>(float* acc, const float* const* rows, const float* xs, int64_t nrows, int64_t n) {
-  axpy_rows_avx2(acc, rows, xs, nrows, n);
+template <typename W>
+void block(float* acc, const W* const* rows, const float* xs, int64_t ldx, int64_t nb, int64_t nrows, int64_t n) {
+  constexpr int R = 8;
+  int64_t j = 0;
+  for (; j + R <= nrows; j += R) {
+    const int64_t jn = j + R * g_prefetch_groups;
+    group<W, R>(acc, rows + j, xs + j, ldx, nb, n, jn + R <= nrows ? rows + jn : nullptr);
+  }
+  for (; j < nrows; ++j) group<W, 1>(acc, rows + j, xs + j, ldx, nb, n, nullptr);
 }
 
-template <>
-void axpy_rows<at::BFloat16>(float* acc, const at::BFloat16* const* rows, const float* xs, int64_t nrows,
-                             int64_t n) {
-  axpy_rows_avx2(acc, rows, xs, nrows, n);
+template <typename W>
+float dot(const float* x, const W* w, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), ld(w + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), ld(w + i + 16), a1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), ldm(w + i, m), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
+
+double stream(const float* p, int64_t n) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    for (int q = 0; q < 4; ++q) a[q] = _mm512_add_ps(a[q], _mm512_loadu_ps(p + i + 16 * q));
+  double s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // ACTSCOPE_X86
+
+// ---------------------------------------------------------------------------------------------
+// Run-time dispatch.
+enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+const char* const ISA_NAMES[] = {"scalar", "avx2", "avx512"};
+
+bool cpu_supports(int isa) {
+  if (isa == SCALAR) return true;
+#ifdef ACTSCOPE_X86
+  __builtin_cpu_init();
+  if (isa == AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == AVX512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
 #endif
+  return false;
+}
 
+int best_isa() {
+  for (int isa = AVX512; isa > SCALAR; --isa)
+    if (cpu_supports(isa)) return isa;
+  return SCALAR;
+}
+
+int parse_isa(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == ISA_NAMES[i]) return i;
+  TORCH_CHECK(false, "sparse_linear: unknown instruction set '", name, "'; use scalar, avx2 or avx512");
+}
+
+int g_isa = SCALAR;
+
+template <typename W>
+BlockFn<W> block_fn() {
+#ifdef ACTSCOPE_X86
+  if (g_isa == AVX512) return &avx512::block<W>;
+  if (g_isa == AVX2) return &avx2::block<W>;
+#endif
+  return &block_scalar<W>;
+}
+
+template <typename W>
+float dot(const float* x, const W* w, int64_t n) {
+#ifdef ACTSCOPE_X86
+  if (g_isa == AVX512) return avx512::dot<W>(x, w, n);
+  if (g_isa == AVX2) return avx2::dot<W>(x, w, n);
+#endif
+  return dot_scalar(x, w, n);
+}
+
+// ---------------------------------------------------------------------------------------------
 template <typename T>
 torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::optional<torch::Tensor>& bias,
                   const torch::Tensor& thresh, const torch::Tensor& scale, const torch::Tensor& counter) {
@@ -109,7 +335,6 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
   // 1. which channels are kept, per row and in the union over rows
   std::vector<int64_t> active;
   active.reserve(in);
-  std::vector<float> xs;  // [rows, n_active], zero where that row does not keep the channel
   std::vector<float> xt(rows * in);
   int64_t kept = 0;
   for (int64_t i = 0; i < in; ++i) {
@@ -126,7 +351,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
     if (any) active.push_back(i);
   }
   const int64_t na = static_cast<int64_t>(active.size());
-  xs.resize(rows * na);
+  std::vector<float> xs(rows * na);  // [rows, n_active], zero where that row does not keep the channel
   std::vector<const T*> wrows(na);
   for (int64_t j = 0; j < na; ++j) {
     wrows[j] = wp + active[j] * out;
@@ -143,13 +368,12 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
   const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(na / 32) + 1));
   std::vector<float> partial(static_cast<size_t>(nthreads) * rows * out, 0.0f);
   const int64_t per = (na + nthreads - 1) / nthreads;
+  const BlockFn<T> fn = block_fn<T>();
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * per, k1 = std::min(na, k0 + per);
       if (k0 >= k1) continue;
-      float* acc = partial.data() + t * rows * out;
-      for (int64_t r = 0; r < rows; ++r)
-        axpy_rows<T>(acc + r * out, wrows.data() + k0, xs.data() + r * na + k0, k1 - k0, out);
+      fn(partial.data() + t * rows * out, wrows.data() + k0, xs.data() + k0, na, rows, k1 - k0, out);
     }
   });
   auto y = torch::empty({rows, out}, x.options());
@@ -161,11 +385,12 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
     bp = bias_f.data_ptr<float>();
   }
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t o = 0; o < out; ++o) {
-      float v = bp ? bp[o] : 0.0f;
-      for (int t = 0; t < nthreads; ++t) v += partial[(t * rows + r) * out + o];
-      yp[r * out + o] = static_cast<T>(v);
+    float* p0 = partial.data() + r * out;
+    for (int t = 1; t < nthreads; ++t) {
+      const float* pt = partial.data() + (t * rows + r) * out;
+      for (int64_t o = 0; o < out; ++o) p0[o] += pt[o];
     }
+    for (int64_t o = 0; o < out; ++o) yp[r * out + o] = static_cast<T>(bp ? p0[o] + bp[o] : p0[o]);
   }
   return y;
 }
@@ -183,13 +408,7 @@ torch::Tensor run_rows(const torch::Tensor& x, const torch::Tensor& w, const tor
   at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const T* wr = wp + ip[j] * in;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xf.data() + r * in;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < in; ++i) acc += xr[i] * load(wr, i);
-        yp[r * out + ip[j]] = static_cast<T>(acc);
-      }
+      for (int64_t r = 0; r < rows; ++r) yp[r * out + ip[j]] = static_cast<T>(dot<T>(xf.data() + r * in, wr, in));
     }
   });
   return y;
@@ -224,7 +443,57 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<tor
   TORCH_CHECK(false, "sparse_linear: float32 or bfloat16 only, got ", x.scalar_type());
 }
 
+// The instruction set the kernels use now, the ones this CPU can run, and a way to force one.
+std::string isa() { return ISA_NAMES[g_isa]; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int i = 0; i < 3; ++i)
+    if (cpu_supports(i)) out.push_back(ISA_NAMES[i]);
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  const int want = name.empty() ? best_isa() : parse_isa(name);
+  TORCH_CHECK(cpu_supports(want), "sparse_linear: this CPU cannot run the ", name, " path");
+  g_isa = want;
+}
+
+void set_prefetch_groups(int64_t groups) { g_prefetch_groups = static_cast<int>(std::max<int64_t>(1, groups)); }
+
+// A plain streaming read of `t`'s bytes (as float32 words) by the same threads and instruction
+// set: the bandwidth the kernel is measured against (bench/sparse_kernel.py).
+double stream_read(torch::Tensor t) {
+  TORCH_CHECK(t.is_contiguous() && !t.is_cuda() && t.nbytes() % 4 == 0, "stream_read: a contiguous CPU tensor");
+  const float* p = reinterpret_cast<const float*>(t.data_ptr());
+  const int64_t n = static_cast<int64_t>(t.nbytes() / 4);
+  const int nthreads = std::max(1, at::get_num_threads());
+  std::vector<double> sums(nthreads, 0.0);
+  const int64_t per = ((n + nthreads - 1) / nthreads + 63) / 64 * 64;
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t i = t0; i < t1; ++i) {
+      const int64_t a = std::min(n, i * per), b = std::min(n, a + per);
+#ifdef ACTSCOPE_X86
+      if (g_isa == AVX512) { sums[i] = avx512::stream(p + a, b - a); continue; }
+      if (g_isa == AVX2) { sums[i] = avx2::stream(p + a, b - a); continue; }
+#endif
+      sums[i] = stream_scalar(p + a, b - a);
+    }
+  });
+  double s = 0;
+  for (double v : sums) s += v;
+  return s;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const char* env = std::getenv("ACTSCOPE_KERNEL_ISA");
+  g_isa = best_isa();
+  if (env && *env) set_isa(env);  // an unknown or unsupported name fails the import, loudly
   m.def("sparse_linear", &sparse_linear, "y = (x * keep) @ wt + bias, reading only kept rows of wt");
   m.def("rows_linear", &rows_linear, "y[:, idx] = x @ w[idx].T, zero elsewhere");
+  m.def("isa", &isa, "the instruction set the kernels use: scalar, avx2 or avx512");
+  m.def("supported_isas", &supported_isas, "the instruction sets this CPU can run");
+  m.def("set_isa", &set_isa, "force an instruction set ('' = the best this CPU has)");
+  m.def("set_prefetch_groups", &set_prefetch_groups, "groups of 8 kept rows prefetched ahead (tuning)");
+  m.def("stream_read", &stream_read, "sum of a tensor's bytes read as float32: a plain streaming read");
 }
