@@ -48,7 +48,7 @@ def child(name: str, layers: int) -> dict:
     warnings.simplefilter("ignore")
     import actscope
     from actscope.compare import RidgeEncoder, compare_rdms, minibatch_cka, rdm
-    from actscope.compare.cka import _hsic_debiased_sum, _ratio
+    from actscope.compare.cka import _ratio
 
     t0 = time.perf_counter()
     out: dict = {}

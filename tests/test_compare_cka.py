@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import actscope
-from actscope.compare import (OutlierWarning, center_gram, cka, cka_angle, cka_distance, cka_gram, gram_linear,
-                              gram_rbf, minibatch_cka, outlier_report, stream_cka)
+from actscope.compare import (OutlierWarning, center_gram, cka, cka_angle, cka_distance, cka_gram, gram_rbf, minibatch_cka, outlier_report, stream_cka)
 
 
 @pytest.fixture(scope="module")

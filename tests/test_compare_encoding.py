@@ -11,8 +11,7 @@ from sklearn.model_selection import LeaveOneGroupOut
 
 import actscope
 from actscope.compare import (RidgeEncoder, ceiling_r, contiguous_folds, delay_features, double_gamma_hrf,
-                              encode_layers, explainable_variance, normalize_by_ceiling, pearson_r,
-                              pool_features, synthetic_fmri, tr_units, zscore_runs)
+                              encode_layers, explainable_variance, normalize_by_ceiling, pool_features, synthetic_fmri, tr_units, zscore_runs)
 
 ALPHAS = np.logspace(-2, 5, 10)
 

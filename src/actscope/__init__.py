@@ -43,15 +43,6 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-def __getattr__(name: str):
-    """``actscope.compare`` is imported on first use: it is not needed to record or scan."""
-    if name == "compare":
-        import importlib
-
-        return importlib.import_module(".compare", __name__)
-    raise AttributeError(f"module 'actscope' has no attribute {name!r}")
-
-
 __all__ = [
     "ActivationCache",
     "edit",
@@ -94,11 +85,12 @@ __all__ = [
     "trace",
 ]
 
-_LAZY_SUBPACKAGES = ("sae", "nmf")  # heavier, or optional: imported on first attribute access
+_LAZY_SUBPACKAGES = ("compare", "sae", "nmf")  # not needed to record or scan: imported on first use
 
 
 def __getattr__(name: str):
-    """``actscope.sae`` and ``actscope.nmf`` import on first use, so ``import actscope`` stays fast."""
+    """``actscope.compare``, ``actscope.sae`` and ``actscope.nmf`` import on first use, so
+    ``import actscope`` stays fast."""
     if name in _LAZY_SUBPACKAGES:
         import importlib
 

@@ -18,14 +18,13 @@ standard deviation first: one cheap extra pass of moments.
 from __future__ import annotations
 
 import fnmatch
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import ActscopeError
-from .cka import OutlierReport, _hsic_debiased_sum, _ratio, outlier_report_from_variances
+from .cka import _hsic_debiased_sum, _ratio
 
 
 class _SiteStats:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ActscopeError, DataError
+from ..errors import DataError
 from .features import doc_units, pool_features
 from .probe import LinearProbe, control_labels, kfold_score, online_codelength
 from .report import curve_figure, ensure_folder, short_label, standalone, table_html, write_json
