@@ -16,9 +16,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -322,6 +327,106 @@ float dot(const float* x, const W* w, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A help-first thread pool. The kernel's work is cut into chunks of kept rows that threads claim
+// one at a time; the caller works too and then waits only for chunks *in progress*, never for a
+// helper that has not started. On a machine shared with other jobs a helper thread is often not
+// running when a call begins; with a fork-join region (OpenMP) every call -- seven per layer --
+// then waits for the scheduler to run it, which made 2 threads slower than 1 under load.
+class Pool {
+ public:
+  // Runs fn(slot, chunk) for every chunk in [0, n) on the caller and up to `helpers` helpers;
+  // slot < helpers + 1 tells which thread runs it (for per-thread partial sums).
+  void run(int helpers, int64_t n, const std::function<void(int, int64_t)>& fn) {
+    if (helpers <= 0 || n <= 1) {
+      for (int64_t c = 0; c < n; ++c) fn(0, c);
+      return;
+    }
+    ensure(helpers);
+    std::lock_guard<std::mutex> serial(call_mutex_);  // one job at a time (calls from several Python threads)
+    fn_ = &fn;
+    n_ = n;
+    max_slots_ = helpers + 1;
+    next_.store(0);
+    slots_.store(1);
+    const uint64_t g = (state_.load() >> 1) + 1;
+    state_.store((g << 1) | 1);  // open: helpers may join from here on
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lk(m_);
+      cv_.notify_all();
+    }
+    work(0);
+    state_.store(g << 1);  // closed: helpers that have not joined yet stay out
+    while (pending_.load() != 0) _spin();
+  }
+
+ private:
+  static void _spin() {
+#ifdef ACTSCOPE_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  void work(int slot) {
+    int64_t c;
+    while ((c = next_.fetch_add(1)) < n_) (*fn_)(slot, c);
+  }
+
+  void ensure(int helpers) {
+    std::lock_guard<std::mutex> lk(start_mutex_);
+    while (static_cast<int>(threads_.size()) < helpers) {
+      threads_.emplace_back([this] { loop(); });
+      threads_.back().detach();  // lives as long as the process
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t s = state_.load();
+      for (int i = 0; (s >> 1) == seen || !(s & 1); ++i) {  // wait for a new open job
+        if (i < 4000) {
+          _spin();
+        } else {
+          std::unique_lock<std::mutex> lk(m_);
+          sleeping_.fetch_add(1);
+          cv_.wait_for(lk, std::chrono::milliseconds(50), [&] {
+            const uint64_t t = state_.load();
+            return (t >> 1) != seen && (t & 1);
+          });
+          sleeping_.fetch_sub(1);
+          i = 0;
+        }
+        s = state_.load();
+      }
+      seen = s >> 1;
+      pending_.fetch_add(1);
+      if (state_.load() == s) {  // still open: join it (the caller now waits for this thread)
+        const int slot = slots_.fetch_add(1);
+        if (slot < max_slots_) work(slot);
+      }
+      pending_.fetch_sub(1);
+    }
+  }
+
+  int max_slots_ = 1;
+  std::mutex call_mutex_, start_mutex_, m_;
+  std::condition_variable cv_;
+  std::vector<std::thread> threads_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> pending_{0}, sleeping_{0}, slots_{1};
+  const std::function<void(int, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: its threads outlive static destruction
+  return *p;
+}
+
+// ---------------------------------------------------------------------------------------------
 template <typename T>
 torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::optional<torch::Tensor>& bias,
                   const torch::Tensor& thresh, const torch::Tensor& scale, const torch::Tensor& counter) {
@@ -363,18 +468,18 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
     c[1] += rows * in;
   }
 
-  // 2. y = xs @ wt[active]. Threads split the *kept rows*, so each streams whole contiguous rows
-  //    of wt (what the prefetcher likes) into its own [rows x out] partial sum, summed at the end.
-  const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(na / 32) + 1));
+  // 2. y = xs @ wt[active]. Threads claim chunks of kept rows (about 128 KiB of weights each,
+  //    a multiple of the 8-row group), stream them whole (what the prefetcher likes) into their
+  //    own [rows x out] partial sum, and the partial sums are added at the end.
+  const int64_t row_bytes = out * static_cast<int64_t>(sizeof(T));
+  const int64_t chunk = std::max<int64_t>(8, ((131072 / std::max<int64_t>(1, row_bytes)) + 7) / 8 * 8);
+  const int64_t nchunks = (na + chunk - 1) / chunk;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks)));
   std::vector<float> partial(static_cast<size_t>(nthreads) * rows * out, 0.0f);
-  const int64_t per = (na + nthreads - 1) / nthreads;
   const BlockFn<T> fn = block_fn<T>();
-  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = t * per, k1 = std::min(na, k0 + per);
-      if (k0 >= k1) continue;
-      fn(partial.data() + t * rows * out, wrows.data() + k0, xs.data() + k0, na, rows, k1 - k0, out);
-    }
+  pool().run(nthreads - 1, nchunks, [&](int slot, int64_t c) {
+    const int64_t k0 = c * chunk, k1 = std::min(na, k0 + chunk);
+    fn(partial.data() + slot * rows * out, wrows.data() + k0, xs.data() + k0, na, rows, k1 - k0, out);
   });
   auto y = torch::empty({rows, out}, x.options());
   T* yp = y.data_ptr<T>();
