@@ -446,6 +446,7 @@ import torch
 from actscope.sparsify import triton_kernel as tk
 from actscope.sparsify.kernel import reference
 dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+gather = len(sys.argv) > 2 and sys.argv[2] == "gather"
 g = torch.Generator().manual_seed(1)
 for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.15)):
     for kind in ("scalar", "channel", "scaled"):
@@ -460,7 +461,7 @@ for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.15)):
                 want = reference(x, wt, bias, thresh, scale, ref_counter)
                 args = [t.to(dev) for t in (x, wt, bias, thresh, scale)]
                 counter = torch.zeros(2, dtype=torch.int64, device=dev)
-                got = tk.sparse_linear(*args, counter, split=split).cpu()
+                got = tk.sparse_linear(*args, counter, split=split, gather=gather).cpu()
                 assert got.dtype == dtype
                 err = float((got.float() - want.float()).abs().max())
                 assert err < tol, (dtype, kind, rows, d_in, split, err)
@@ -469,8 +470,10 @@ print("ok")
 """
 
 
-def test_triton_kernel_in_interpreter_mode():
-    """The CUDA kernel, run by Triton's CPU interpreter: same contract as the C++ kernel."""
+@pytest.mark.parametrize("variant", ["masked", "gather"])
+def test_triton_kernel_in_interpreter_mode(variant):
+    """The CUDA kernels (the default masked one, and the gather-first one behind
+    ACTSCOPE_TRITON_GATHER=1), run by Triton's CPU interpreter: same contract as the C++ kernel."""
     import importlib.util
     import os
     import subprocess
@@ -480,7 +483,8 @@ def test_triton_kernel_in_interpreter_mode():
         pytest.fail("Triton is missing: `make test` installs it (the test extra) so its CPU interpreter can "
                     "check the GPU kernel", pytrace=False)
     env = dict(os.environ, TRITON_INTERPRET="1")  # must be set before triton is imported
-    run = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _TRITON_CHECK, "cpu", variant], env=env, capture_output=True,
+                         text=True, timeout=600)
     if "__index__" in run.stderr and "only 0-dimensional arrays" in run.stderr:
         # seen with Triton 3.6 and numpy 2.5: the interpreter turns loop bounds into 1-element
         # arrays, which numpy 2.5 no longer converts to int; the compiled kernel is unaffected
@@ -488,14 +492,16 @@ def test_triton_kernel_in_interpreter_mode():
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
 
 
-def test_triton_kernel_on_cuda():
+@pytest.mark.parametrize("variant", ["masked", "gather"])
+def test_triton_kernel_on_cuda(variant):
     """The same check on a real GPU (bfloat16 through tensor cores, split-K atomics)."""
     import subprocess
     import sys
 
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU here: the Triton kernel is checked on a GPU by hand (docs/benchmarks.md)")
-    run = subprocess.run([sys.executable, "-c", _TRITON_CHECK, "cuda"], capture_output=True, text=True, timeout=600)
+        pytest.skip("no CUDA GPU here: the Triton kernel is checked on a GPU by bench/gpu_check.sh")
+    run = subprocess.run([sys.executable, "-c", _TRITON_CHECK, "cuda", variant], capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
 
 
