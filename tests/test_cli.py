@@ -217,6 +217,14 @@ def test_sparsify_calibrate_eval_and_sparse_generation(tiny_llama_dir, tmp_path,
                                   capsys, monkeypatch)
     assert code == 0, err
     assert out_compiled == out and "compiling included" in err
+    # from COMPILE_MIN_TOKENS new tokens on, sparse decoding compiles its step by default
+    code, out_long, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "The quick", "--device", "cpu",
+                               "--sparsity-config", str(cfg), "--max-new-tokens", "64"], capsys, monkeypatch)
+    assert code == 0 and "compiling included" in err, err
+    code, out_plain, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "The quick", "--device", "cpu",
+                                "--sparsity-config", str(cfg), "--max-new-tokens", "64", "--no-compile"],
+                               capsys, monkeypatch)
+    assert code == 0 and "compiling included" not in err and out_plain.startswith(out.strip()), err
     code, _, err = run(["generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--compile", "--no-static-cache"],
                        capsys, monkeypatch)
     assert code == 2 and "drop --no-static-cache" in err
