@@ -18,6 +18,12 @@ thresholds are calibrated on random tokens: the kernel's speed depends on how ma
 kept, which is measured and printed, not on what the weights mean. Perplexity is a CPU-bench
 matter (bench/sparsify.py): thresholds are dtype- and device-free. ``--compile`` adds rows
 decoded with ``StaticDecoder(compile=True)`` (``torch.compile`` inside the CUDA graph) at 50%.
+
+``--sweep`` is the short form of issue 14's GPU check (bench/gpu_check.sh runs it on the 8B
+shape, batch 1 and 4): TEAL at 25/40/50/70% with CUDA graphs, no eager rows, every point also
+with the gather-first Triton kernel (``ACTSCOPE_TRITON_GATHER``) at 50%; with ``--compile`` the
+compiled CUDA-graph step at 50% (dense and sparse compiled alike). The kernel table then also
+times the gather-first kernel. ``--batches`` decodes several sequences at once.
 """
 
 from __future__ import annotations
@@ -36,13 +42,14 @@ CONFIGS = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
                          max_position_embeddings=8192),
-    "llama-8b-shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    "llama-8b-shape": dict(  # also bench/sparsify.py's --shape llama-8b
+hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                            max_position_embeddings=8192),
 }
 
 
-def kernel_table(quick: bool) -> list[dict]:
+def kernel_table(quick: bool, only_8b: bool = False) -> list[dict]:
     import triton.testing
 
     from actscope.sparsify import triton_kernel as tk
@@ -51,6 +58,8 @@ def kernel_table(quick: bool) -> list[dict]:
     shapes = [("135m gate/up", 576, 1536), ("135m down", 1536, 576), ("8b gate/up", 4096, 14336),
               ("8b down", 14336, 4096), ("8b q/o", 4096, 4096), ("8b k/v", 4096, 1024)]
     g = torch.Generator(device="cuda").manual_seed(0)
+    if only_8b:
+        shapes = [sh for sh in shapes if sh[0].startswith("8b")]
     for label, d_in, d_out in shapes[:3] if quick else shapes:
         w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
         wt = w.t().contiguous()
@@ -66,13 +75,19 @@ def kernel_table(quick: bool) -> list[dict]:
                 ref = ((x.float() * keep) @ wt.float())
                 err = float((y.float() - ref).abs().max() / ref.abs().max())
                 union = float(keep.any(0).float().mean())
-                sparse = triton.testing.do_bench_cudagraph(lambda: tk.sparse_linear(x, wt, None, t, empty, None),
-                                                           return_mode="median")
+                sparse = triton.testing.do_bench_cudagraph(
+                    lambda: tk.sparse_linear(x, wt, None, t, empty, None, gather=False), return_mode="median")
+                yg = tk.sparse_linear(x, wt, None, t, empty, None, gather=True)
+                err_g = float((yg.float() - ref).abs().max() / ref.abs().max())
+                gathered = triton.testing.do_bench_cudagraph(
+                    lambda: tk.sparse_linear(x, wt, None, t, empty, None, gather=True), return_mode="median")
                 r = dict(shape=label, d_in=d_in, d_out=d_out, rows=rows, sparsity=s, union_kept=union,
-                         dense_us=dense * 1e3, sparse_us=sparse * 1e3, speedup=dense / sparse, rel_err=err)
+                         dense_us=dense * 1e3, sparse_us=sparse * 1e3, speedup=dense / sparse, rel_err=err,
+                         gather_us=gathered * 1e3, gather_speedup=dense / gathered, gather_rel_err=err_g)
                 rows_out.append(r)
                 print(f"{label:>13} rows {rows:2d} sparsity {s:.0%} (union kept {union:.0%}): cuBLAS {dense*1e3:7.1f} us, "
-                      f"sparse {sparse*1e3:7.1f} us, {dense/sparse:.2f}x, rel err {err:.1e}", flush=True)
+                      f"sparse {sparse*1e3:7.1f} us, {dense/sparse:.2f}x, rel err {err:.1e}; gather-first "
+                      f"{gathered*1e3:7.1f} us, {dense/gathered:.2f}x, rel err {err_g:.1e}", flush=True)
     return rows_out
 
 
@@ -95,7 +110,8 @@ def decode_rate(dec, prompt: torch.Tensor, n_new: int) -> float:
     return n_new / (time.perf_counter() - start)
 
 
-def decode_table(names: list[str], quick: bool, compile: bool = False) -> list[dict]:
+def decode_table(names: list[str], quick: bool, compile: bool = False, batches: tuple[int, ...] = (1,),
+                 sweep: bool = False) -> list[dict]:
     from actscope.data import TokenBatches
     from actscope.sparsify import StaticDecoder, apply, calibrate
 
@@ -107,34 +123,45 @@ def decode_table(names: list[str], quick: bool, compile: bool = False) -> list[d
         n_cal = 2 if "8b" in name else 8
         ids = torch.randint(0, vocab, (n_cal, 128), generator=gen)
         cal = TokenBatches(ids, torch.zeros_like(ids, dtype=torch.int32), "random tokens")
-        prompt = torch.randint(0, vocab, (1, 32), generator=gen).cuda()
-        n_new = 32 if quick else 128
+        n_new = 32 if quick or sweep else 128
         plan = []
-        for method in ("teal", "wina"):
+        for method in ("teal",) if sweep else ("teal", "wina"):
             for s in SPARSITIES[2:3] if quick else SPARSITIES:
                 plan.append((method, s, calibrate(model, method=method, sparsity=s, tokens=cal, progress=False,
                                                   passes=1 if "8b" in name else 2)))
-        modes = [("graph", True, False), ("eager", False, False)] + ([("compiled graph", True, True)] if compile else [])
-        for mode, graph, comp in modes:
-            dense_dec = StaticDecoder(model, 1, prompt.shape[1] + n_new, cuda_graph=graph, compile=comp)
-            decode_rate(dense_dec, prompt, n_new)  # capture / warm-up
-            for method, s, config in plan:
-                if mode != "graph" and s != 0.5:
-                    continue  # eager decoding is launch-bound, compiling is slow: one point each
-                dense = decode_rate(dense_dec, prompt, n_new)
-                with torch.inference_mode(), apply(model, config) as handle:
-                    dec = StaticDecoder(model, 1, prompt.shape[1] + n_new, cuda_graph=graph, compile=comp)
-                    decode_rate(dec, prompt, n_new)  # capture / warm-up
-                    handle.reset()
-                    rate = decode_rate(dec, prompt, n_new)
-                    achieved = handle.achieved()["overall"]
-                    del dec
-                r = dict(model=name, graph=graph, compiled=comp, method=method, target=s, achieved=achieved,
-                         dense_tok_s=dense, tok_s=rate, ratio=rate / dense)
-                rows.append(r)
-                print(f"{name} {mode} {method} {s:.0%}: {rate:7.1f} tok/s = {rate/dense:.2f}x "
-                      f"dense ({dense:.1f}); achieved {achieved:.1%}", flush=True)
-            del dense_dec
+        modes = [("graph", True, False, False)]
+        if sweep:
+            modes.append(("graph, gather-first kernel", True, False, True))
+        else:
+            modes.append(("eager", False, False, False))
+        if compile:
+            modes.append(("compiled graph", True, True, False))
+        from actscope.sparsify import triton_kernel as tk
+
+        for batch in batches:
+            prompt = torch.randint(0, vocab, (batch, 32), generator=gen).cuda()
+            for mode, graph, comp, gather in modes:
+                tk.GATHER = gather
+                dense_dec = StaticDecoder(model, batch, prompt.shape[1] + n_new, cuda_graph=graph, compile=comp)
+                decode_rate(dense_dec, prompt, n_new)  # capture / warm-up
+                for method, s, config in plan:
+                    if mode != "graph" and s != 0.5:
+                        continue  # eager decoding is launch-bound, compiling is slow: one point each
+                    dense = decode_rate(dense_dec, prompt, n_new)
+                    with torch.inference_mode(), apply(model, config) as handle:
+                        dec = StaticDecoder(model, batch, prompt.shape[1] + n_new, cuda_graph=graph, compile=comp)
+                        decode_rate(dec, prompt, n_new)  # capture / warm-up
+                        handle.reset()
+                        rate = decode_rate(dec, prompt, n_new)
+                        achieved = handle.achieved()["overall"]
+                        del dec
+                    r = dict(model=name, batch=batch, graph=graph, compiled=comp, gather=gather, method=method,
+                             target=s, achieved=achieved, dense_tok_s=dense, tok_s=rate, ratio=rate / dense)
+                    rows.append(r)
+                    print(f"{name} batch {batch} {mode} {method} {s:.0%}: {rate:7.1f} tok/s = {rate/dense:.2f}x "
+                          f"dense ({dense:.1f}); achieved {achieved:.1%}", flush=True)
+                del dense_dec
+                tk.GATHER = False
         del model
         torch.cuda.empty_cache()
     return rows
@@ -146,6 +173,9 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(CONFIGS))
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also decode with StaticDecoder(compile=True) at 50%%")
+    ap.add_argument("--sweep", action="store_true", help="issue 14's short check: TEAL 25-70%% with CUDA graphs, "
+                    "the gather-first kernel at 50%%, 8B kernel shapes only")
+    ap.add_argument("--batches", default="1", help="sequences decoded at once, e.g. 1,4")
     ap.add_argument("--out", default="bench/out/sparsify-gpu.json")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -153,16 +183,18 @@ def main() -> None:
         raise SystemExit("bench/sparsify_gpu.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
-    result["kernel"] = [] if args.skip_kernel else kernel_table(args.quick)
+    result["kernel"] = [] if args.skip_kernel else kernel_table(args.quick, only_8b=args.sweep)
     if args.compile:
         torch._dynamo.config.recompile_limit = 64  # one compiled step per configuration
-    result["decode"] = decode_table(args.models.split(","), args.quick, args.compile)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    result["decode"] = decode_table(args.models.split(","), args.quick, args.compile, batches, args.sweep)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print("\n| model | steps | method | target | achieved | decode speed vs dense bf16 |\n|---|---|---|---|---|---|")
+    print("\n| model | batch | steps | method | target | achieved | decode speed vs dense bf16 |\n|---|---|---|---|---|---|---|")
     for r in result["decode"]:
         steps = ("compiled + " if r["compiled"] else "") + ("CUDA graph" if r["graph"] else "eager")
-        print(f"| {r['model']} | {steps} | {r['method']} | {r['target']:.0%} | "
+        steps += ", gather-first kernel" if r["gather"] else ""
+        print(f"| {r['model']} | {r['batch']} | {steps} | {r['method']} | {r['target']:.0%} | "
               f"{r['achieved']:.1%} | {r['ratio']:.2f}x ({r['dense_tok_s']:.0f} tok/s dense) |")
 
 
