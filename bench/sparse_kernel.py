@@ -138,7 +138,7 @@ def main() -> None:
                         print(f"| {row['dtype']} | {shape} {label} {d_in} -> {d_out} | {rows} | {s:.0%} | {union:.0%} | "
                               f"{med['dense'] * 1e6:.0f} ({dense_gbs:.1f}) | " + " | ".join(cells) + f" | {ratios} |",
                               flush=True)
-                del pool, pool_t
+                pool = pool_t = None  # free before the next shape
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "sparse_kernel.json").write_text(json.dumps(dict(cpu=cpu_name(), isas=isas, rows=results), indent=1))
