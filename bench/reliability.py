@@ -9,7 +9,7 @@ the CLI's "unexpected" fallback), silent (exit 0 or data returned where an error
 wrong data), data loss (a file the user had was changed or removed).
 
 The CLI cases are the table of ``tests/test_cli_errors.py``; the store cases mirror
-``tests/test_store_integrity.py``; the header fuzz flips every bit of a small shard's header.
+``tests/store/test_store_integrity.py``; the header fuzz flips every bit of a small shard's header.
 """
 
 from __future__ import annotations
