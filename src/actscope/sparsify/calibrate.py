@@ -114,8 +114,8 @@ def _units(model: nn.Module, method: str, attention: bool) -> list[_Unit]:
     modules = dict(model.named_modules())
     units: list[_Unit] = []
     for lm in layer_modules(model):
-        def tap(path: str, io: str = "in") -> Site:
-            return Site(f"{path}:{io}", path, io, layer=lm.layer)
+        def tap(path: str, io: str = "in", layer: int = lm.layer) -> Site:
+            return Site(f"{path}:{io}", path, io, layer=layer)
 
         down = list(lm.groups["mlp_out"])
         if method == "teal":
