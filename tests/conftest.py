@@ -17,6 +17,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny import VOCAB, tiny_model  # noqa: E402
 
 
+def run_cli(argv, capsys, monkeypatch):
+    """Run ``actscope ARGV`` in-process as the console script would: ``(exit code, stdout, stderr)``."""
+    from actscope.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["actscope", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def require_peer(module: str):
     """Import a peer package that a parity test checks against; its absence fails, never skips.
 

@@ -3,27 +3,18 @@ vocabulary of shared options, with the old spellings still working behind a warn
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
 
+from conftest import run_cli as run
 from actscope import open_store
-from actscope.cli import _layers, app, main
+from actscope.cli import _layers, app
 from actscope.cli_options import SHARED, split_list
 
 
-def run(argv, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["actscope", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_sites_lists_every_site_with_shape(tiny_llama_dir, capsys, monkeypatch):

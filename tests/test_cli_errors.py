@@ -8,24 +8,14 @@ line starting with ``error:`` and holding the expected words, and no traceback.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from actscope.cli import main
+from conftest import run_cli as run
 
 
-def run(argv, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["actscope", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _vector(folder: Path, tensors: dict) -> str:

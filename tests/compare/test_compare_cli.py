@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import run_cli as run
 import actscope
-from actscope.cli import main
 from actscope.compare import synthetic_fmri, pool_features, tr_units
 
 
-def run(argv, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["actscope", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 import actscope
 from actscope.sae import load
-from test_cli import run
+from conftest import run_cli as run
 
 SITE = "blocks.1.hook_resid_post"
 
