@@ -54,3 +54,21 @@ def test_generation_refuses_non_finite_logits_and_empty_input(tiny_llama):
         with pytest.raises(ActscopeError, match="finite"):
             with vec.apply(model, scale):
                 pass
+
+
+@pytest.mark.parametrize("fn", ["patch", "attribution_patch", "subspace"])
+def test_empty_or_identical_prompts_are_refused_in_python(tiny_llama, fn):
+    """Not only the CLI: the Python entry points refuse them too, before any 0/0 reaches a plot."""
+    import actscope
+
+    model, tok = tiny_llama
+    call = {
+        "patch": lambda c, k: actscope.patch(model, tok, c, k, metric=lambda lg: lg[:, 5] - lg[:, 9]),
+        "attribution_patch": lambda c, k: actscope.attribution_patch(model, tok, c, k, metric=lambda lg: lg[:, 5] - lg[:, 9]),
+        "subspace": lambda c, k: actscope.subspace_patch(model, tok, c, k, "blocks.0.hook_resid_post", torch.eye(64)[:, :2],
+                                                         metric=lambda lg: lg[:, 5] - lg[:, 9]),
+    }[fn]
+    with pytest.raises(actscope.ActscopeError, match="is empty"):
+        call("", "the value of the dict")
+    with pytest.raises(actscope.ActscopeError, match="are the same"):
+        call("the value of the list", "the value of the list")
