@@ -28,9 +28,6 @@ def encode_pair(tokenizer: Any, clean: str, corrupted: str, device: Any, *, what
     for name, text in (("clean", clean), ("corrupted", corrupted)):
         if not isinstance(text, str) or not text.strip():
             raise ActscopeError(f"the {name} prompt is empty; {what} needs text in both prompts")
-    if clean == corrupted:
-        raise ActscopeError(f"the clean and corrupted prompts are the same: every {what} effect would be 0/0; "
-                            "give a corrupted prompt that changes the answer")
     clean_ids, corrupt_ids = encode(tokenizer, clean, device), encode(tokenizer, corrupted, device)
     if clean_ids.shape[1] != corrupt_ids.shape[1] and not alignable:
         raise ActscopeError(f"clean ({clean_ids.shape[1]} tokens) and corrupted ({corrupt_ids.shape[1]} tokens) "
