@@ -248,7 +248,7 @@ def shape_bench(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this real model's shape (see above)")
-    ap.add_argument("--sparsities", default="0.5", help="--shape only: targets, e.g. 0.25,0.4,0.5,0.7")
+    ap.add_argument("--sparsities", help="targets, e.g. 0.25,0.4,0.5,0.7 (default: 0.5 with --shape, else all four)")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="--shape only")
     ap.add_argument("--batches", default="1,4", help="--shape only")
     ap.add_argument("--repeats", type=int, default=2, help="--shape only: interleaved runs per point")
@@ -266,6 +266,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.shape:
+        args.sparsities = args.sparsities or "0.5"
         if args.new_tokens == 128:
             args.new_tokens = 16
         if args.calib_tokens == 4096:
@@ -297,8 +298,9 @@ def main() -> None:
     # bfloat16 prefill is slow on CPUs without bf16 matmul units, so thresholds are always
     # calibrated in float32 (they are dtype-free); decoding and perplexity run in the asked dtype.
     plan = []
+    targets = [float(v) for v in args.sparsities.split(",")] if args.sparsities else SPARSITIES
     for name in args.methods.split(","):
-        for s in SPARSITIES:
+        for s in targets:
             t0 = time.perf_counter()
             config = calibrate(model, method=VARIANTS[name]["method"], sparsity=s, tokens=cal, progress=False,
                                **{k: v for k, v in VARIANTS[name].items() if k != "method"})

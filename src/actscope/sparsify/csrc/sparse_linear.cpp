@@ -566,24 +566,24 @@ void set_isa(const std::string& name) {
 
 void set_prefetch_groups(int64_t groups) { g_prefetch_groups = static_cast<int>(std::max<int64_t>(1, groups)); }
 
-// A plain streaming read of `t`'s bytes (as float32 words) by the same threads and instruction
-// set: the bandwidth the kernel is measured against (bench/sparse_kernel.py).
+// A plain streaming read of `t`'s bytes (as float32 words) by the same threads, pool and
+// instruction set as the kernel: the bandwidth the kernel is measured against
+// (bench/sparse_kernel.py). Chunks of 128 KiB, contiguous.
 double stream_read(torch::Tensor t) {
   TORCH_CHECK(t.is_contiguous() && !t.is_cuda() && t.nbytes() % 4 == 0, "stream_read: a contiguous CPU tensor");
   const float* p = reinterpret_cast<const float*>(t.data_ptr());
   const int64_t n = static_cast<int64_t>(t.nbytes() / 4);
-  const int nthreads = std::max(1, at::get_num_threads());
+  constexpr int64_t CHUNK = 32768;  // floats
+  const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks)));
   std::vector<double> sums(nthreads, 0.0);
-  const int64_t per = ((n + nthreads - 1) / nthreads + 63) / 64 * 64;
-  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t i = t0; i < t1; ++i) {
-      const int64_t a = std::min(n, i * per), b = std::min(n, a + per);
+  pool().run(nthreads - 1, nchunks, [&](int slot, int64_t c) {
+    const int64_t a = c * CHUNK, b = std::min(n, a + CHUNK);
 #ifdef ACTSCOPE_X86
-      if (g_isa == AVX512) { sums[i] = avx512::stream(p + a, b - a); continue; }
-      if (g_isa == AVX2) { sums[i] = avx2::stream(p + a, b - a); continue; }
+    if (g_isa == AVX512) { sums[slot] += avx512::stream(p + a, b - a); return; }
+    if (g_isa == AVX2) { sums[slot] += avx2::stream(p + a, b - a); return; }
 #endif
-      sums[i] = stream_scalar(p + a, b - a);
-    }
+    sums[slot] += stream_scalar(p + a, b - a);
   });
   double s = 0;
   for (double v : sums) s += v;
