@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from ..store.reader import ActivationStore, open_store
 from .base import SAEError, SparseAutoencoder
-from .data import Batch, OutlierPolicy, _gather, epoch_order, token_batches
+from .data import Batch, OutlierPolicy, _gather, epoch_order
+from .distributed import Group, Part, combine, my_slices
 
 CHECKPOINT = ".actscope-train"
 INIT_TOKENS = 16384
@@ -75,9 +76,11 @@ def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
 class _Run:
     """Training state of one job: parameters, Adam moments, buffers, scales, outlier policy."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, device: torch.device | str = "cpu", amp: bool = False):
         self.job = job
         self.sae = job.sae
+        self.device = torch.device(device)
+        self.amp = amp  # bf16 autocast around the loss; parameters and Adam moments stay float32
         self.p: dict[str, torch.Tensor] = {}
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
@@ -113,33 +116,48 @@ class _Run:
         self.state = {"since_fired": torch.zeros(n, dtype=torch.long), "fires": torch.zeros(n, dtype=torch.long),
                       "tokens": torch.zeros((), dtype=torch.long), "transcoder": torch.tensor(transcoder)}
         sae.init_extra(self.p, self.state)
+        self.to_device()
         self.m = {k: torch.zeros_like(t) for k, t in self.p.items()}
         self.v = {k: torch.zeros_like(t) for k, t in self.p.items()}
         self.meta = {"scale_in": scale_in, "scale_out": scale_out, "outliers": policy.to_dict(),
                      "lr": sae.learning_rate(n), "history": []}
 
+    def to_device(self) -> None:
+        for d in (self.p, self.m, self.v, self.state):
+            d.update({k: t.to(self.device) for k, t in d.items()})
+
     # --- one step -------------------------------------------------------------------------
-    def step(self, batch: Batch, seq_len: int, lr_factor: float, step: int) -> None:
+    def forward(self, batch: Batch, seq_len: int) -> Part | None:
+        """Loss and gradients on one batch (or one slice of it); None if under 2 tokens are kept."""
         sae, job = self.sae, self.job
         x_raw = batch.rows[job.site]
         keep = OutlierPolicy.from_dict(self.meta["outliers"]).keep(x_raw, batch.positions(seq_len))
-        x = x_raw[keep].float() * self.meta["scale_in"]
-        y = batch.rows[job.target][keep].float() * self.meta["scale_out"] if job.target else x
+        x = x_raw[keep].to(self.device).float() * self.meta["scale_in"]
+        y = batch.rows[job.target][keep].to(self.device).float() * self.meta["scale_out"] if job.target else x
         if x.shape[0] < 2:
-            return
+            return None
         for t in self.p.values():
             t.requires_grad_(True)
-        loss, info = sae.train_loss(self.p, x, y, self.state)
-        grads = torch.autograd.grad(loss, list(self.p.values()), allow_unused=True)
-        with torch.no_grad():
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss, info = sae.train_loss(self.p, x, y, self.state)
+            grads = torch.autograd.grad(loss.float(), list(self.p.values()), allow_unused=True)
+        finally:
             for t in self.p.values():
                 t.requires_grad_(False)
+        return Part(list(grads), info, x.shape[0], float(loss.detach()))
+
+    def update(self, part: Part, lr_factor: float, step: int) -> None:
+        """One Adam step from the (combined) gradients, then the dead-latent bookkeeping."""
+        sae, info = self.sae, part.info
+        with torch.no_grad():
             lr = self.meta["lr"] * lr_factor
             b1, b2 = BETAS
             t_ = step + 1
-            for (name, w), g in zip(self.p.items(), grads):
+            for (name, w), g in zip(self.p.items(), part.grads):
                 if g is None:
                     continue
+                g = g.to(w.dtype)
                 if name == "W_dec" and sae.unit_norm_decoder:
                     g = g - (g * w).sum(1, keepdim=True) * w  # keep the rows' norm: drop the parallel part
                 self.m[name].mul_(b1).add_(g, alpha=1 - b1)
@@ -150,22 +168,32 @@ class _Run:
                 self.p["W_dec"] /= self.p["W_dec"].norm(dim=1, keepdim=True).clamp_min(1e-12)
             sae.after_step(self.p, self.state, info)
             counts = info["counts"]
-            self.state["since_fired"] += x.shape[0]
+            self.state["since_fired"] += part.n
             self.state["since_fired"][counts > 0] = 0
             self.state["fires"] += counts
-            self.state["tokens"] += x.shape[0]
+            self.state["tokens"] += part.n
         dead = float((self.state["since_fired"] >= sae.dead_tokens).float().mean())
-        self.last = {"fvu": info["fvu"], "l0": info["l0"], "dead": dead, "loss": float(loss.detach())}
+        self.last = {"fvu": info["fvu"], "l0": info["l0"], "dead": dead, "loss": part.loss}
+
+    def step(self, slices: list[Batch], seq_len: int, lr_factor: float, step: int, group: Group | None = None) -> None:
+        """Forward every slice of this process, combine over slices and ranks, update."""
+        group = group or Group(device=self.device)
+        parts = [self.forward(b, seq_len) for b in slices]
+        part = combine(parts, group, [t.shape for t in self.p.values()], self.p["b_enc"].shape[0], self.device)
+        if part is not None:
+            self.update(part, lr_factor, step)
 
     # --- export ---------------------------------------------------------------------------
     def finish(self, store: ActivationStore) -> SparseAutoencoder:
         """Fold the training scales into the weights and install them on the estimator."""
         s_in, s_out = self.meta["scale_in"], self.meta["scale_out"]
-        p, transcoder = self.p, bool(self.state["transcoder"])
-        extra = self.sae.export_extra(p, self.state)
-        density = self.state["fires"].double() / max(int(self.state["tokens"]), 1)
+        p = {k: t.cpu() for k, t in self.p.items()}
+        state = {k: t.cpu() for k, t in self.state.items()}
+        transcoder = bool(state["transcoder"])
+        extra = self.sae.export_extra(p, state)
+        density = state["fires"].double() / max(int(state["tokens"]), 1)
         meta = {"model_name": store.manifest.get("model", {}).get("name", ""), "outliers": self.meta["outliers"], "scale_in": s_in,
-                "scale_out": s_out, "training_tokens": int(self.state["tokens"]), "history": self.meta["history"],
+                "scale_out": s_out, "training_tokens": int(state["tokens"]), "history": self.meta["history"],
                 "hyperparameters": self.sae.get_params()}
         self.sae.set_fitted(p["W_enc"].t() * s_in, p["b_enc"].clone(), p["W_dec"] / s_out, p["b_dec"] / s_out,
                             site=self.job.site, target_site=self.job.target, apply_b_dec_to_input=not transcoder,
@@ -177,7 +205,7 @@ class _Run:
     def tensors(self, i: int) -> dict[str, torch.Tensor]:
         out = {}
         for group, d in (("p", self.p), ("m", self.m), ("v", self.v), ("s", self.state)):
-            out.update({f"{i}.{group}.{k}": t.contiguous() for k, t in d.items()})
+            out.update({f"{i}.{group}.{k}": t.detach().cpu().contiguous() for k, t in d.items()})
         return out
 
     def restore(self, i: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -185,6 +213,7 @@ class _Run:
             prefix = f"{i}.{group}."
             d.update({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
         self.meta = meta
+        self.to_device()
 
 
 def _fingerprint(store: ActivationStore, jobs: Sequence[Job], settings: dict[str, Any]) -> str:
@@ -225,19 +254,44 @@ def _load_checkpoint(folder: Path, runs: list[_Run], fingerprint: str) -> int:
     return int(meta["step"])
 
 
+def _use_autocast(requested: bool | None, device: torch.device, jobs: Sequence[Job]) -> bool:
+    """bf16 autocast: on by default on CUDA, never on CPU (float32 matmuls are what CPUs do well)."""
+    from .topk import TopKSAE
+
+    sparse = [j.name for j in jobs if isinstance(j.sae, TopKSAE)]
+    if requested is None:
+        return device.type == "cuda" and not sparse
+    if requested and device.type != "cuda":
+        raise SAEError(f"autocast=True is for CUDA (bf16 matmuls); training on {device.type} runs in float32: "
+                       "leave autocast unset or pass False")
+    if requested and sparse:
+        raise SAEError(f"autocast=True is not available for TopK/BatchTopK yet ({sparse[0]}): their sparse kernels "
+                       "(sae/kernels.py) need weights and activations of one dtype; pass autocast=False")
+    return bool(requested)
+
+
 def train(store: ActivationStore | str, jobs: Sequence[Job], *, out: str | Path | None = None,
           batch_size: int | None = None, tokens: int | None = None, seed: int | None = None,
           window_shards: int = 64, checkpoint_seconds: float = 60.0, checkpoint_steps: int | None = None,
-          progress: bool = True) -> list[SparseAutoencoder]:
+          progress: bool = True, device: str | torch.device | None = None, autocast: bool | None = None,
+          micro_batches: int = 1) -> list[SparseAutoencoder]:
     """Train every job in one pass over ``store``; returns the fitted estimators.
 
     ``batch_size``, ``tokens`` and ``seed`` default to the first job's SAE. With ``out``, the
     run checkpoints into ``out`` (every ``checkpoint_seconds`` or ``checkpoint_steps``), resumes
     from it, and saves the SAE there (one job) or in one subfolder per job, named after it.
+
+    ``device=None`` is CUDA when there is one. ``autocast=None`` runs the loss under bf16
+    autocast on CUDA (weights and Adam state stay float32), not on CPU. Under ``torchrun`` each
+    rank trains on its slice of every batch and only rank 0 writes (see ``sae.distributed``);
+    ``micro_batches`` cuts each rank's share further, to save memory or to reproduce an N-rank
+    run in fewer processes (N ranks = 1 process with ``micro_batches=N``).
     """
     store = open_store(str(store)) if not isinstance(store, ActivationStore) else store
     if not jobs:
         raise SAEError("nothing to train: give at least one Job(sae, site)")
+    if micro_batches < 1:
+        raise SAEError(f"micro_batches must be at least 1, not {micro_batches}")
     first = jobs[0].sae
     batch_size = batch_size or first.batch_size
     seed = first.seed if seed is None else seed
@@ -246,10 +300,28 @@ def train(store: ActivationStore | str, jobs: Sequence[Job], *, out: str | Path 
     sites = sorted({s for j in jobs for s in (j.site, j.target) if s})
     for s in sites:
         store.shape(s)  # an unknown site fails here, with the closest names
-    runs = [_Run(j) for j in jobs]
+    group = Group.from_env(device)
+    try:
+        amp = _use_autocast(autocast, group.device, jobs)
+        return _train(store, jobs, group, amp, micro_batches, out, batch_size, seed, total_steps, sites,
+                      window_shards, checkpoint_seconds, checkpoint_steps, progress)
+    finally:
+        group.close()
+
+
+def _train(store: ActivationStore, jobs: Sequence[Job], group: Group, amp: bool, micro_batches: int,
+           out: str | Path | None, batch_size: int, seed: int, total_steps: int, sites: list[str],
+           window_shards: int, checkpoint_seconds: float, checkpoint_steps: int | None,
+           progress: bool) -> list[SparseAutoencoder]:
+    first = jobs[0].sae
+    runs = [_Run(j, group.device, amp) for j in jobs]
+    parts = group.world * micro_batches
     settings = {"batch_size": batch_size, "seed": seed, "total_steps": total_steps, "window_shards": window_shards}
+    if parts > 1:  # the trajectory depends on the slicing (sae.distributed), not on which process runs a slice
+        settings["slices"] = parts
     fingerprint = _fingerprint(store, jobs, settings)
     ckpt = Path(out) / CHECKPOINT if out is not None else None
+    writer = group.rank == 0
     start = _load_checkpoint(ckpt, runs, fingerprint) if ckpt else 0
     if start == 0:
         index = next(epoch_order(store, min(INIT_TOKENS, store.num_tokens), seed + 7919, 0, window_shards))
@@ -259,15 +331,16 @@ def train(store: ActivationStore | str, jobs: Sequence[Job], *, out: str | Path 
             r.init(sample[r.job.site], sample[r.job.target or r.job.site], index % store.seq_len, r.job.target is not None)
     decay_from = total_steps * (1 - first.decay_share)
     bar = tqdm(total=total_steps * batch_size, initial=start * batch_size, unit="tok", unit_scale=True,
-               disable=not progress, desc="sae train", smoothing=0.1)
+               disable=not (progress and writer), desc="sae train", smoothing=0.1)
     last_save, every = time.monotonic(), max(1, total_steps // 200)
     step = start
-    for batch in token_batches(store, sites, batch_size, seed=seed, window_shards=window_shards, skip=start, epochs=None):
+    mine = range(group.rank * micro_batches, (group.rank + 1) * micro_batches)
+    for slices in my_slices(store, sites, batch_size, parts, mine, seed=seed, window_shards=window_shards, skip=start):
         if step >= total_steps:
             break
         factor = 1.0 if step < decay_from else max(0.0, (total_steps - step) / max(total_steps - decay_from, 1))
         for r in runs:
-            r.step(batch, store.seq_len, factor, step)
+            r.step(slices, store.seq_len, factor, step, group)
         step += 1
         bar.update(batch_size)
         if step % every == 0 or step == total_steps:
@@ -275,12 +348,12 @@ def train(store: ActivationStore | str, jobs: Sequence[Job], *, out: str | Path 
                 r.meta["history"].append({"step": step, **{k: round(v, 6) for k, v in r.last.items()}})
             bar.set_postfix(fvu=f"{runs[0].last.get('fvu', float('nan')):.3f}", l0=f"{runs[0].last.get('l0', 0):.1f}")
         due = (checkpoint_steps and step % checkpoint_steps == 0) or time.monotonic() - last_save > checkpoint_seconds
-        if ckpt and due and step < total_steps:
+        if ckpt and writer and due and step < total_steps:
             _save_checkpoint(ckpt, runs, step, fingerprint)
             last_save = time.monotonic()
     bar.close()
     fitted = [r.finish(store) for r in runs]
-    if out is not None:
+    if out is not None and writer:
         folders = [Path(out)] if len(jobs) == 1 else [Path(out) / j.name for j in jobs]
         for sae, folder in zip(fitted, folders):
             sae.save_pretrained(folder)
