@@ -10,19 +10,18 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
+from .cli_generate import generate
 from .cli_options import (BatchSize, Data, Device, MaxTokens, Model, Out, Prompt, SeqLen, TextField, deprecated,
                           device_name, split_list)
 from .errors import ActscopeError
 from .intervene.metrics import METRICS
 from .intervene.sites import OLD_KINDS, shorthands
-from .validate import finite, positive_int
+from .validate import positive_int
 
-COMPILE_MIN_TOKENS = 64  # `generate` compiles the sparse decoding step by default from this many new tokens
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 
@@ -178,101 +177,7 @@ def steer(
     typer.echo(f"steering vector ({method}, layers {vec.layers[0]}-{vec.layers[-1]}) -> {path}\nnorms {norms}")
 
 
-@app.command()
-def generate(
-    prompt: Prompt,
-    model: Model = "default",
-    steer_path: Annotated[Optional[str], typer.Option("--steer", help="a .gguf or saved steering vector")] = None,
-    scale: Annotated[float, typer.Option("--scale", help="multiplies the steering vector")] = 1.0,
-    positions: Annotated[str, typer.Option(
-        "--positions", help="where to steer: all, prompt or generated")] = "all",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens to generate")] = 40,
-    compare: Annotated[bool, typer.Option(
-        "--compare", help="also print the unsteered (or dense) continuation")] = False,
-    sparsity_config: Annotated[Optional[str], typer.Option(
-        "--sparsity-config", help="decode sparsely: a folder from `actscope sparsify calibrate`")] = None,
-    device: Device = "auto",
-    static_cache: Annotated[Optional[bool], typer.Option(
-        "--static-cache/--no-static-cache",
-        help="decode over a static KV cache, one CUDA graph per step on a GPU (default: on for sparse decoding on "
-        "CUDA, where HF's generate is launch-bound and would hide the sparse kernel's gain)")] = None,
-    compile_step: Annotated[Optional[bool], typer.Option(
-        "--compile/--no-compile", help="torch.compile the decoding step (implies --static-cache; compiling takes "
-        "about a minute, then decoding is about 1.25x faster on CPU; default: on for sparse decoding of at least "
-        f"{COMPILE_MIN_TOKENS} new tokens without steering or CoreInfer, where it lets the sparse kernel's gain show)")] = None,
-    old_sparsity: Annotated[Optional[str], typer.Option(
-        "--sparsity", hidden=True, help="deprecated: use --sparsity-config DIR")] = None,
-) -> None:
-    """Greedy generation, optionally steered and/or with activation sparsity."""
-    import time
-    from contextlib import ExitStack
-
-    from .models import load_model
-    from .sparsify import SparsityConfig, greedy_decode
-    from .sparsify import apply as apply_sparsity
-    from .intervene.steer import SteeringVector
-    from .intervene.steer_effects import generate as run_generate
-
-    if old_sparsity is not None:
-        sparsity_config = _old_sparsity(old_sparsity, sparsity_config)
-    if not prompt:
-        raise ActscopeError("--prompt is empty: generation needs text to continue")
-    positive_int("--max-new-tokens", max_new_tokens)
-    finite("--scale", scale)  # NaN or inf would turn every logit into NaN
-    m, tok = load_model(model, device=device_name(device))
-    vec = SteeringVector.from_pretrained(steer_path) if steer_path else None
-    config = SparsityConfig.from_pretrained(sparsity_config) if sparsity_config else None
-    stateful = vec is not None or (config is not None and config.method == "coreinfer")
-    if compile_step is None:  # the lean step wherever it is correct and pays for its compile
-        compile_step = (config is not None and not stateful and static_cache is not False
-                        and max_new_tokens >= COMPILE_MIN_TOKENS)
-    if static_cache is None:
-        static_cache = compile_step or (config is not None and not stateful and m.device.type == "cuda")
-    if compile_step and not static_cache:
-        raise ActscopeError("--compile compiles the static-cache decoding step: drop --no-static-cache")
-    if static_cache and stateful:
-        raise ActscopeError("--static-cache and --compile run one fixed step: they cannot carry steering or "
-                            "CoreInfer, whose hooks keep Python state across steps; drop them")
-
-    def run() -> str:
-        if not static_cache:
-            return run_generate(m, tok, prompt, max_new_tokens)
-        ids = tok(prompt, return_tensors="pt").input_ids.to(m.device)
-        out = greedy_decode(m, ids, max_new_tokens, compile=compile_step)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-    if compare and (vec is not None or config is not None):
-        typer.echo(f"[plain] {prompt}{run()}")
-    with ExitStack() as stack:
-        if vec is not None:
-            stack.enter_context(vec.apply(m, scale, positions=positions))
-        handle = stack.enter_context(apply_sparsity(m, config)) if config is not None else None
-        start = time.perf_counter()
-        text = run()
-        seconds = time.perf_counter() - start
-    label = f"[steered x{scale:g}] " if vec is not None else ""
-    typer.echo(f"{label}{prompt}{text}")
-    if handle is not None:
-        got = handle.achieved()
-        typer.echo(f"[{got['targeted']:.0%} {handle.config.method}: achieved {got['overall']:.1%} sparsity, "
-                   f"{max_new_tokens / seconds:.1f} tok/s{', compiling included' if compile_step else ''}]", err=True)
-
-
-def _old_sparsity(value: str, sparsity_config: Optional[str]) -> str:
-    """``generate --sparsity DIR``, the old spelling of ``--sparsity-config DIR``."""
-    if sparsity_config is not None:
-        raise ActscopeError("--sparsity and --sparsity-config both given; use --sparsity-config DIR only")
-    try:
-        float(value)
-        is_number = not Path(value).exists()
-    except ValueError:
-        is_number = False
-    if is_number:
-        raise ActscopeError(f"generate --sparsity {value}: generate decodes with calibrated thresholds; calibrate "
-                            "them with `actscope sparsify calibrate --sparsity "
-                            f"{value} --out DIR`, then pass --sparsity-config DIR")
-    deprecated("`generate --sparsity DIR`", "--sparsity-config DIR (--sparsity is always a number)")
-    return value
+app.command()(generate)  # defined in cli_generate, registered here to keep the commands' order
 
 
 @app.command()
