@@ -158,3 +158,48 @@ def test_kill_9_then_rerun_gives_bit_identical_weights(store, tmp_path):
     subprocess.run(cmd + [str(clean)], env=env, check=True, capture_output=True)
     a, b = load_file(killed / "sae_weights.safetensors"), load_file(clean / "sae_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_autocast_is_refused_on_cpu_and_decided_per_device_and_architecture(store):
+    from actscope.sae.train import _use_autocast
+
+    with pytest.raises(actscope.sae.SAEError, match="autocast=True is for CUDA"):
+        ReLUSAE(**FAST).fit(store, SITE, device="cpu", autocast=True, progress=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    relu, topk = [Job(ReLUSAE(), SITE)], [Job(TopKSAE(), SITE), Job(ReLUSAE(), SITE)]
+    assert _use_autocast(None, cuda, relu) and not _use_autocast(None, cpu, relu) and not _use_autocast(False, cuda, relu)
+    assert not _use_autocast(None, cuda, topk)  # the sparse TopK kernels take one dtype: float32 by default
+    with pytest.raises(actscope.sae.SAEError, match="not available for TopK"):
+        _use_autocast(True, cuda, topk)
+    if not torch.cuda.is_available():
+        with pytest.raises(actscope.sae.SAEError, match="no CUDA device"):
+            ReLUSAE(**FAST).fit(store, SITE, device="cuda", progress=False)
+
+
+@pytest.mark.parametrize("cls", [ReLUSAE, JumpReLUSAE])
+def test_bf16_autocast_step_keeps_float32_master_weights(store, cls):
+    """The autocast code path, run with CPU autocast (the CUDA one has no GPU here): the matmuls of the
+    loss run in bf16, so the step is close to the float32 one but not equal, and the parameters and Adam
+    moments stay float32."""
+    from actscope.sae.data import token_batches
+
+    batch = next(token_batches(store, [SITE], 256, seed=0))
+    x = store.read(SITE, 0, 2048)
+    runs = {}
+    for amp in (False, True):
+        r = _Run(Job(cls(**FAST), SITE), "cpu", amp=amp)
+        r.init(x, x, torch.arange(x.shape[0]) % store.seq_len, transcoder=False)
+        before = {k: t.clone() for k, t in r.p.items()}
+        part = r.forward(batch, store.seq_len)
+        r.update(part, 1.0, 0)
+        runs[amp] = (r, part, before)
+    (r32, p32, before), (r16, p16, _) = runs[False], runs[True]
+    for d in (r16.p, r16.m, r16.v):
+        assert all(t.dtype == torch.float32 for t in d.values())
+    assert all(g.dtype == torch.float32 for g in p16.grads if g is not None)
+    g32, g16 = p32.grads[0], p16.grads[0]  # W_enc
+    assert not torch.equal(g16, g32), "autocast did not change the encoder's arithmetic"
+    assert float((g16 - g32).norm() / g32.norm()) < 0.05
+    assert p16.loss == pytest.approx(p32.loss, rel=0.02)
+    moved16, moved32 = r16.p["W_dec"] - before["W_dec"], r32.p["W_dec"] - before["W_dec"]
+    assert float((moved16 - moved32).norm() / moved32.norm()) < 0.2  # Adam's first step is ~sign(g): robust

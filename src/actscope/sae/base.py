@@ -172,14 +172,15 @@ class SparseAutoencoder:
 
     # --- fit / save ------------------------------------------------------------------------
     def fit(self, store: Any, site: str, target: str | None = None, *, out: str | Path | None = None,
-            progress: bool = True) -> "SparseAutoencoder":
+            progress: bool = True, device: str | None = None, autocast: bool | None = None) -> "SparseAutoencoder":
         """Train on ``site`` of ``store`` (a store or its folder); ``target`` makes a transcoder.
 
         With ``out``, the run checkpoints there and resumes from it; the fitted SAE is saved there.
+        ``device`` and ``autocast``: as in ``actscope.sae.train`` (CUDA and bf16 autocast when present).
         """
         from .train import Job, train
 
-        train(store, [Job(self, site, target)], out=out, progress=progress)
+        train(store, [Job(self, site, target)], out=out, progress=progress, device=device, autocast=autocast)
         return self
 
     def save_pretrained(self, folder: str | Path) -> Path:

@@ -51,6 +51,8 @@ class Group:
         if device is None:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SAEError(f"device {device!r} asked for, but this torch sees no CUDA device: use device='cpu'")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         if dev.type not in ("cpu", "cuda"):
@@ -75,13 +77,15 @@ class Group:
         return t
 
     def close(self) -> None:
-        """Wait for every rank, then tear down the group if we made it (gloo aborts if left to exit)."""
-        if self.world > 1 and self.owns:
+        """Wait for every rank (so none returns before rank 0 has written the outputs), then tear
+        down the group if we made it (a gloo group left to the interpreter's exit can abort it)."""
+        if self.world > 1:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.barrier()
-                dist.destroy_process_group()
+                if self.owns:
+                    dist.destroy_process_group()
 
 
 def my_slices(store: ActivationStore, sites: Sequence[str], batch_size: int, parts: int, mine: range, *,
