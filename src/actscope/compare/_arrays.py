@@ -45,33 +45,3 @@ def dense_ranks(v: np.ndarray) -> np.ndarray:
     """0-based dense ranks (equal values share a rank)."""
     _, inv = np.unique(v, return_inverse=True)
     return inv.astype(np.int64)
-
-
-def count_inversions(x: np.ndarray) -> int:
-    """Pairs i < j with x[i] > x[j] (strictly), for integer ranks: O(n log^2 n), vectorised.
-
-    Bottom-up merge: at each level every right-hand block counts, per element, the elements of
-    its left neighbour block that are larger (one ``searchsorted`` over block-offset keys), then
-    each merged pair is re-sorted by the same keys.
-    """
-    a = np.asarray(x, dtype=np.int64).copy()
-    n = len(a)
-    if n < 2:
-        return 0
-    big = int(a.max()) + 2
-    total = 0
-    size = 1
-    idx = np.arange(n)
-    while size < n:
-        pair = idx // (2 * size)
-        right = (idx // size) % 2 == 1
-        left_keys = np.where(right, np.iinfo(np.int64).max, pair * big + a)
-        order = np.argsort(left_keys, kind="stable")
-        lk = left_keys[order]
-        rk = pair[right] * big + a[right]
-        upto = np.searchsorted(lk, rk, side="right")  # left elements of this pair <= value
-        block_end = np.searchsorted(lk, (pair[right] + 1) * big, side="left")
-        total += int((block_end - upto).sum())
-        a = a[np.lexsort((a, pair))]  # merged blocks, sorted within each
-        size *= 2
-    return total
