@@ -160,23 +160,20 @@ def test_kill_9_then_rerun_gives_bit_identical_weights(store, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_autocast_is_refused_on_cpu_and_decided_per_device_and_architecture(store):
+def test_autocast_is_refused_on_cpu_and_on_by_default_on_cuda(store):
     from actscope.sae.train import _use_autocast
 
     with pytest.raises(actscope.sae.SAEError, match="autocast=True is for CUDA"):
         ReLUSAE(**FAST).fit(store, SITE, device="cpu", autocast=True, progress=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    relu, topk = [Job(ReLUSAE(), SITE)], [Job(TopKSAE(), SITE), Job(ReLUSAE(), SITE)]
-    assert _use_autocast(None, cuda, relu) and not _use_autocast(None, cpu, relu) and not _use_autocast(False, cuda, relu)
-    assert not _use_autocast(None, cuda, topk)  # the sparse TopK kernels take one dtype: float32 by default
-    with pytest.raises(actscope.sae.SAEError, match="not available for TopK"):
-        _use_autocast(True, cuda, topk)
+    assert _use_autocast(None, cuda) and _use_autocast(True, cuda)
+    assert not _use_autocast(None, cpu) and not _use_autocast(False, cuda)
     if not torch.cuda.is_available():
         with pytest.raises(actscope.sae.SAEError, match="no CUDA device"):
             ReLUSAE(**FAST).fit(store, SITE, device="cuda", progress=False)
 
 
-@pytest.mark.parametrize("cls", [ReLUSAE, JumpReLUSAE])
+@pytest.mark.parametrize("cls", [ReLUSAE, JumpReLUSAE, TopKSAE, BatchTopKSAE])
 def test_bf16_autocast_step_keeps_float32_master_weights(store, cls):
     """The autocast code path, run with CPU autocast (the CUDA one has no GPU here): the matmuls of the
     loss run in bf16, so the step is close to the float32 one but not equal, and the parameters and Adam

@@ -254,19 +254,13 @@ def _load_checkpoint(folder: Path, runs: list[_Run], fingerprint: str) -> int:
     return int(meta["step"])
 
 
-def _use_autocast(requested: bool | None, device: torch.device, jobs: Sequence[Job]) -> bool:
+def _use_autocast(requested: bool | None, device: torch.device) -> bool:
     """bf16 autocast: on by default on CUDA, never on CPU (float32 matmuls are what CPUs do well)."""
-    from .topk import TopKSAE
-
-    sparse = [j.name for j in jobs if isinstance(j.sae, TopKSAE)]
     if requested is None:
-        return device.type == "cuda" and not sparse
+        return device.type == "cuda"
     if requested and device.type != "cuda":
         raise SAEError(f"autocast=True is for CUDA (bf16 matmuls); training on {device.type} runs in float32: "
                        "leave autocast unset or pass False")
-    if requested and sparse:
-        raise SAEError(f"autocast=True is not available for TopK/BatchTopK yet ({sparse[0]}): their sparse kernels "
-                       "(sae/kernels.py) need weights and activations of one dtype; pass autocast=False")
     return bool(requested)
 
 
@@ -302,7 +296,7 @@ def train(store: ActivationStore | str, jobs: Sequence[Job], *, out: str | Path 
         store.shape(s)  # an unknown site fails here, with the closest names
     group = Group.from_env(device)
     try:
-        amp = _use_autocast(autocast, group.device, jobs)
+        amp = _use_autocast(autocast, group.device)
         return _train(store, jobs, group, amp, micro_batches, out, batch_size, seed, total_steps, sites,
                       window_shards, checkpoint_seconds, checkpoint_steps, progress)
     finally:
