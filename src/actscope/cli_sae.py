@@ -144,21 +144,29 @@ def features_cmd(
     out: Out = "runs/sae-features",
     model: Annotated[Optional[str], Model.__metadata__[0]] = None,
     top: Annotated[int, typer.Option("--top", help="top contexts kept per latent")] = 10,
+    bins: Annotated[int, typer.Option(
+        "--bins", help="equal-width activation bins between 0 and each latent's max, sampled for contexts; "
+        "0 skips the second pass")] = 4,
+    per_bin: Annotated[int, typer.Option("--per-bin", help="contexts sampled per bin and latent")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="the bin samples' seed")] = 0,
     device: Device = "auto",
 ) -> None:
-    """Top activating contexts, density, nearest latents (and with --model, logit effects and
-    readable tokens) per latent, in one pass; writes features.html, features.json and Neuronpedia
+    """Top activating contexts, a sample of contexts per activation bin, density, nearest latents (and
+    with --model, logit effects and readable tokens) per latent, in two streaming passes with memory
+    bounded by the number of latents; writes features.html, features.json and Neuronpedia
     batch-N.json files to --out."""
-    from .sae import load
+    from .sae import SAEError, load
     from .sae.features import feature_data, write_browser, write_neuronpedia
 
+    if top < 1 or bins < 0 or per_bin < 1:
+        raise SAEError(f"--top and --per-bin must be positive and --bins at least 0, got {top}, {per_bin} and {bins}")
     fitted = load(sae)
     m = tok = None
     if model is not None:
         from .models import load_model
 
         m, tok = load_model(model, device=device_name(device))
-    records = feature_data(fitted, store, tokenizer=tok, model=m, top=top)
+    records = feature_data(fitted, store, tokenizer=tok, model=m, top=top, bins=bins, per_bin=per_bin, seed=seed)
     folder = Path(out)
     page = write_browser(records, folder / "features.html", title=f"{fitted.site_} ({fitted.architecture})")
     (folder / "features.json").write_text(json.dumps(records))

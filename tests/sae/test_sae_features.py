@@ -1,5 +1,6 @@
-"""Feature reading: streaming top contexts equal a brute-force search, the browser is safe against
-hostile dataset text, Neuronpedia files, and a latent as a steering vector."""
+"""Feature reading: streaming top contexts and binned samples equal a brute-force search, the bins'
+memory does not grow with the store, the browser's data is safe against hostile dataset text,
+Neuronpedia files, and a latent as a steering vector."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 import actscope
 from actscope import SteeringVector
 from actscope.sae import ReLUSAE, TopKSAE
-from actscope.sae.features import feature_data, top_activations, write_browser, write_neuronpedia
+from actscope.sae.features import (bin_of, bin_samples, feature_data, sample_keys, top_activations, write_browser,
+                                   write_neuronpedia)
 
 SITE = "blocks.1.hook_resid_post"
 
@@ -40,17 +42,73 @@ def test_streaming_top_contexts_equal_brute_force(setup):
     assert torch.equal(got["fires"], (z > 0).sum(0))
 
 
+def _encoded_store(store, sae):
+    """Every token's code, zero at the positions the outlier policy drops (position 0 here)."""
+    x = store.read(SITE)
+    z = sae.encode(x)
+    z[torch.arange(len(x)) % store.seq_len == 0] = 0
+    return z
+
+
+def test_bin_samples_equal_a_brute_force_bottom_k(setup):
+    store, sae = setup
+    maxima = top_activations(sae, store, top=1)["values"][:, 0]
+    z = _encoded_store(store, sae)
+    torch.testing.assert_close(maxima, z.max(0).values.clamp_min(0))
+    bins, per_bin = 3, 4
+    got = bin_samples(sae, store, maxima, bins=bins, per_bin=per_bin, seed=7, batch_size=37)
+    t, j = (z > 0).nonzero(as_tuple=True)
+    b = bin_of(z[t, j], maxima[j], bins)
+    keys = sample_keys(t, j, 7)
+    assert keys.unique().numel() == keys.numel()
+    sampled = 0
+    for latent in range(sae.d_sae):
+        for bb in range(bins):
+            sel = (j == latent) & (b == bb)
+            assert int(got["count"][latent, bb]) == int(sel.sum())
+            want = t[sel][keys[sel].argsort()[:per_bin]]  # the smallest keys of the bin
+            n = want.numel()
+            assert torch.equal(got["index"][latent, bb, :n], want) and (got["index"][latent, bb, n:] == -1).all()
+            torch.testing.assert_close(got["values"][latent, bb, :n], z[want, latent])
+            lo, hi = maxima[latent] * bb / bins, maxima[latent] * (bb + 1) / bins
+            assert ((z[want, latent] >= lo * (1 - 1e-6)) & (z[want, latent] <= hi * (1 + 1e-6))).all()
+            sampled += n
+    assert sampled > sae.d_sae  # the test saw real samples, several bins per latent
+    same = bin_samples(sae, store, maxima, bins=bins, per_bin=per_bin, seed=7, batch_size=4096)
+    assert torch.equal(same["index"], got["index"])  # independent of the batching
+    other = bin_samples(sae, store, maxima, bins=bins, per_bin=per_bin, seed=8, batch_size=37)
+    assert not torch.equal(other["index"], got["index"]) and torch.equal(other["count"], got["count"])
+
+
+def test_bin_memory_does_not_grow_with_the_store(setup):
+    store, sae = setup
+    maxima = top_activations(sae, store, top=1)["values"][:, 0]
+    small = bin_samples(sae, store, maxima, bins=5, per_bin=2, max_tokens=40, batch_size=32)
+    full = bin_samples(sae, store, maxima, bins=5, per_bin=2, batch_size=32)
+    assert int(small["count"].sum()) < int(full["count"].sum())
+    for key in ("values", "index", "count"):
+        assert small[key].shape == full[key].shape == (sae.d_sae, 5, 2)[: full[key].dim()]
+    with pytest.raises(actscope.ActscopeError, match="bins and per_bin must be positive"):
+        bin_samples(sae, store, maxima, bins=0)
+
+
 def test_browser_and_neuronpedia_files(setup, tiny_llama, tmp_path):
     store, sae = setup
     model, tok = tiny_llama
-    records = feature_data(sae, store, tokenizer=tok, model=model, top=3)
-    assert len(records) == sae.d_sae and {"density", "contexts", "nearest", "logits_top"} <= set(records[0])
+    records = feature_data(sae, store, tokenizer=tok, model=model, top=3, bins=4, per_bin=2)
+    assert len(records) == sae.d_sae and {"max", "density", "contexts", "bins", "nearest", "logits_top"} <= set(records[0])
+    busy = max(records, key=lambda r: r["density"])
+    assert [b["hi"] for b in busy["bins"]][0] == busy["max"] and sum(b["count"] for b in busy["bins"]) > 0
+    assert all(c["value"] <= b["hi"] + 1e-3 for b in busy["bins"] for c in b["contexts"])
     evil = '</script><script>alert(1)</script><!--'
     records[0]["contexts"].append({"value": 9.0, "tokens": ["a", evil], "at": 1})
+    records[0]["bins"][0]["contexts"].append({"value": 9.0, "tokens": [evil, "&amp;"], "at": 0})
     page = write_browser(records, tmp_path / "f.html").read_text()
     assert evil not in page and page.count("<script") == 2 and page.count("</script>") == 2
-    data = page.split('type="application/json">')[1].split("</script>")[0]
-    assert json.loads(data)["latents"][0]["contexts"][-1]["tokens"][1] == evil  # the text survives, inert
+    data = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+    strings, first = data["strings"], data["latents"][0]
+    assert [strings[i] for i in first["top"][-1][2]] == ["a", evil]  # the text survives, inert
+    assert [strings[i] for i in first["bins"][0]["contexts"][-1][2]] == [evil, "&amp;"]
     paths = write_neuronpedia(records, tmp_path / "np", "tiny", SITE, per_file=50)
     batch = json.loads(paths[0].read_text())
     assert [p.name for p in paths][:2] == ["batch-0.json", "batch-1.json"] and batch[0]["index"] == "0"
