@@ -57,7 +57,7 @@ const S = D.strings;
 document.getElementById("title").textContent = D.title;
 function el(tag, cls, text){const e=document.createElement(tag); if(cls)e.className=cls; if(text!==undefined)e.textContent=text; return e;}
 function line(c){const d=el("div","ctx"); d.appendChild(el("span","meta",c[0].toFixed(3)+"  "));
-  c[2].forEach((t,i)=>d.appendChild(el("span",i===c[1]?"hot":null,S[t]))); return d;}
+  c[2].forEach((t,i)=>d.appendChild(el("span",i===c[1]?"hot":null,S[t].replace(/\\n/g,"\\u21b5")))); return d;}
 function matcher(q){
   if(!q) return ()=>true;
   if(/^\\d+$/.test(q)) return r=>r.latent===+q;
