@@ -47,7 +47,7 @@ def child(name: str, layers: int) -> dict:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     import actscope
-    from actscope.compare import RidgeEncoder, compare_rdms, minibatch_cka, rdm
+    from actscope.compare import RidgeEncoder, compare_rdms, minibatch_cka_matrix, rdm
     from actscope.compare.cka import _ratio
 
     t0 = time.perf_counter()
@@ -74,8 +74,8 @@ def child(name: str, layers: int) -> dict:
         feats = torch.stack([store.read(s, 0, 256 * 20).float() for s in names], 1)  # [tokens, L, d]
         batches = [feats[i:i + 256] for i in range(0, len(feats), 256)]
         if name == "mb-ours":
-            m = np.array([[minibatch_cka([(b[:, i], b[:, j]) for b in batches]) for j in range(layers)]
-                          for i in range(layers)])
+            per_site = [[b[:, i] for i in range(layers)] for b in batches]
+            m = minibatch_cka_matrix((xs, xs) for xs in per_site)
         else:
             from torch_cka import CKA
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import actscope
-from actscope.compare import (OutlierWarning, center_gram, cka, cka_angle, cka_distance, cka_gram, gram_rbf, minibatch_cka, outlier_report, stream_cka)
+from actscope.compare import (OutlierWarning, center_gram, cka, cka_angle, cka_distance, cka_gram, gram_rbf, minibatch_cka, minibatch_cka_matrix, outlier_report, stream_cka)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,31 @@ def test_minibatch_cka_converges_to_debiased_not_biased():
     # with few rows per batch the biased estimate is inflated; the minibatch one is not
     small = minibatch_cka(X=X[:, :40], Y=rs.randn(4096, 30), batch_size=64, seed=0)
     assert abs(small) < 0.05 and cka(X[:64], rs.randn(64, 30)) > 0.2
+
+
+def test_minibatch_cka_matrix_equals_each_pair_and_an_independent_hsic():
+    rs = np.random.RandomState(3)
+    sites = [rs.randn(512, d) for d in (8, 12, 5)]
+    sites[1][:, :8] += sites[0]
+    batches = [[x[i:i + 128] for x in sites] for i in range(0, 512, 128)]
+    m = minibatch_cka_matrix((b, b[::-1]) for b in batches)
+    assert m.shape == (3, 3)
+    for i in range(3):
+        for j in range(3):
+            pair = minibatch_cka([(b[i], b[::-1][j]) for b in batches])
+            assert abs(m[i, j] - pair) < 1e-12
+
+    def hsic_u(K, L):  # Song et al. 2012, eq. 5, written out with explicit loops over the terms
+        n = len(K)
+        K, L = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
+        one = np.ones(n)
+        return (np.trace(K @ L) + one @ K @ one * (one @ L @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
+
+    grams = [[x @ x.T for x in b] for b in batches]
+    num = np.mean([hsic_u(g[0], g[1]) for g in grams])
+    den = np.sqrt(np.mean([hsic_u(g[0], g[0]) for g in grams]) * np.mean([hsic_u(g[1], g[1]) for g in grams]))
+    assert abs(m[0, 1] - num / den) < 1e-12
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ himalaya, scikit-learn) in the tests. Conventions are stated in each module and 
 """
 
 from .cka import (OutlierReport, OutlierWarning, cka, cka_angle, cka_distance, cka_gram, center_gram,
-                  gram_linear, gram_rbf, minibatch_cka, outlier_report)
+                  gram_linear, gram_rbf, minibatch_cka, minibatch_cka_matrix, outlier_report)
 from .cka_matrix import CKAResult, stream_cka
 from .encoding import RidgeEncoder, contiguous_folds, group_folds, pearson_r
 from .encode_layers import EncodingResult, encode_layers
@@ -19,7 +19,7 @@ from .rsa import RSAComparison, bootstrap_compare, compare_rdms, noise_ceiling, 
 
 __all__ = [
     "CKAResult", "OutlierReport", "OutlierWarning", "center_gram", "cka", "cka_angle", "cka_distance",
-    "cka_gram", "gram_linear", "gram_rbf", "minibatch_cka", "outlier_report", "stream_cka",
+    "cka_gram", "gram_linear", "gram_rbf", "minibatch_cka", "minibatch_cka_matrix", "outlier_report", "stream_cka",
     "RSAComparison", "bootstrap_compare", "compare_rdms", "noise_ceiling", "rdm",
     "RidgeEncoder", "contiguous_folds", "group_folds", "pearson_r", "EncodingResult", "encode_layers",
     "ceiling_r", "delay_features", "doc_units", "explainable_variance", "normalize_by_ceiling", "pool_features",

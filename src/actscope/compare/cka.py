@@ -211,16 +211,56 @@ def cka(X: Any, Y: Any, *, kernel: str = "linear", debiased: bool = False, thres
 
 
 # --- minibatch CKA (Nguyen et al. 2021) ------------------------------------------------------
-def _hsic1(K: np.ndarray, L: np.ndarray) -> float:
-    """Unbiased HSIC of two Gram matrices (Song et al. 2012, eq. 5)."""
-    n = K.shape[0]
-    K = K.copy()
-    L = L.copy()
-    np.fill_diagonal(K, 0)
-    np.fill_diagonal(L, 0)
-    kl = float(np.sum(K * L))
-    ones_k, ones_l = K.sum(0), L.sum(0)
-    return (kl + ones_k.sum() * ones_l.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(ones_k @ ones_l)) / (n * (n - 3))
+def _zero_diag_grams(batch: Sequence[Any], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each array's linear Gram matrix with its diagonal zeroed, flattened: ``[m, n*n]``, and
+    the row sums ``[m, n]``: the two things unbiased HSIC needs from each side."""
+    grams = []
+    for x in batch:
+        x = as_f64(x, name=name)
+        K = x @ x.T
+        np.fill_diagonal(K, 0)
+        grams.append(K.reshape(-1))
+    flat = np.stack(grams)
+    n = int(round(math.sqrt(flat.shape[1])))
+    return flat, flat.reshape(len(grams), n, n).sum(1)
+
+
+def _hsic1(kl: np.ndarray, sums: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Unbiased HSIC (Song et al. 2012, eq. 5) from its three terms, for zero-diagonal Grams K
+    and L: tr(K L), (1'K1)(1'L1) and (K1)'(L1)."""
+    return (kl + sums / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rows) / (n * (n - 3))
+
+
+def _self_hsic1(flat: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return _hsic1(np.einsum("ij,ij->i", flat, flat), rows.sum(1) ** 2, np.einsum("ij,ij->i", rows, rows), rows.shape[1])
+
+
+def minibatch_cka_matrix(batches: Iterable[tuple[Sequence[Any], Sequence[Any]]]) -> np.ndarray:
+    """Minibatch CKA of every pair of several sites at once: ``batches`` yields ``(xs, ys)``,
+    lists of arrays over the same rows (``xs[i]`` [n, d_i]); returns ``[len(xs), len(ys)]``.
+
+    Mean unbiased HSIC over minibatches, then the CKA ratio, as ``minibatch_cka``. tr(K L) for
+    every pair is one product of the flattened Gram matrices, so each Gram matrix and each
+    self-HSIC is computed once per batch, not once per pair.
+    """
+    xy = xx = yy = 0.0
+    k = 0
+    for xs, ys in batches:
+        fx, rx = _zero_diag_grams(xs, "x batch")
+        fy, ry = (fx, rx) if ys is xs else _zero_diag_grams(ys, "y batch")
+        n = rx.shape[1]
+        if ry.shape[1] != n:
+            raise ActscopeError(f"minibatch_cka: x and y batches need the same rows, got {n} and {ry.shape[1]}")
+        if n < 4:
+            continue
+        xy = xy + _hsic1(fx @ fy.T, np.outer(rx.sum(1), ry.sum(1)), rx @ ry.T, n)
+        xx = xx + _self_hsic1(fx, rx)
+        yy = yy + _self_hsic1(fy, ry)
+        k += 1
+    if k == 0:
+        raise ActscopeError("minibatch_cka: no batch of at least 4 rows")
+    den = np.sqrt(np.outer(np.clip(xx, 0, None), np.clip(yy, 0, None)))
+    return np.where(den > 0, xy / np.where(den > 0, den, 1.0), np.nan)
 
 
 def minibatch_cka(batches: Iterable[tuple[Any, Any]] | None = None, X: Any = None, Y: Any = None, *,
@@ -229,7 +269,8 @@ def minibatch_cka(batches: Iterable[tuple[Any, Any]] | None = None, X: Any = Non
 
     Pass ``batches`` (an iterable of ``(x_batch, y_batch)``) or whole ``X`` and ``Y`` split into
     ``batch_size`` rows (shuffled with ``seed``; ``seed=None`` keeps the order). Estimates the
-    *debiased* CKA, not the biased full-data ``cka(X, Y)``. Linear kernel, float64.
+    *debiased* CKA, not the biased full-data ``cka(X, Y)``. Linear kernel, float64. For many
+    pairs of sites, ``minibatch_cka_matrix`` forms each Gram matrix once.
     """
     if batches is None:
         if X is None or Y is None:
@@ -238,17 +279,4 @@ def minibatch_cka(batches: Iterable[tuple[Any, Any]] | None = None, X: Any = Non
         order = np.arange(len(Xa)) if seed is None else np.random.default_rng(seed).permutation(len(Xa))
         batches = ((Xa[order[i:i + batch_size]], Ya[order[i:i + batch_size]])
                    for i in range(0, len(Xa) - batch_size + 1, batch_size))
-    xy = xx = yy = 0.0
-    k = 0
-    for xb, yb in batches:
-        xb, yb = as_f64(xb, name="x batch"), as_f64(yb, name="y batch")
-        if len(xb) < 4:
-            continue
-        K, L = xb @ xb.T, yb @ yb.T
-        xy += _hsic1(K, L)
-        xx += _hsic1(K, K)
-        yy += _hsic1(L, L)
-        k += 1
-    if k == 0:
-        raise ActscopeError("minibatch_cka: no batch of at least 4 rows")
-    return _ratio(xy / k, xx / k, yy / k)
+    return float(minibatch_cka_matrix(([xb], [yb]) for xb, yb in batches)[0, 0])
