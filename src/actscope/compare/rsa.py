@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.stats import kendalltau
 
 from ..errors import ActscopeError
 from ._arrays import as_f64, average_ranks, dense_ranks
@@ -71,7 +72,7 @@ def rdm(X: Any, metric: str = "correlation", *, conditions: Sequence[Any] | None
         names, idx = _condition_index(conditions, order)
         X = _average(X, idx, len(names))
     if metric == "euclidean":
-        sq = np.sum(X ** 2, axis=1, keepdims=True)
+        sq = np.einsum("ij,ij->i", X, X)[:, None]  # no [n, channels] temporary
         D = (sq + sq.T - 2 * X @ X.T) / n_ch
     else:
         Z = X - X.mean(axis=1, keepdims=True)
@@ -132,8 +133,6 @@ def _tau_a(a: np.ndarray, b: np.ndarray) -> float:
     (C - D) / N, so rescaling by the tie counts (from integer bincounts, exact) converts one into
     the other without counting the pairs twice.
     """
-    from scipy.stats import kendalltau
-
     n = len(a)
     tot = n * (n - 1) / 2
 
