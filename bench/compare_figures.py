@@ -30,13 +30,26 @@ def main() -> None:
     print("CKA(layer 5, layer 25): plain %.3f guarded %.3f" % (cka.matrix[5, 25], cka.guarded.matrix[5, 25]))
     print("mean off-diagonal: plain %.3f guarded %.3f" % (
         cka.matrix[~np.eye(30, dtype=bool)].mean(), cka.guarded.matrix[~np.eye(30, dtype=bool)].mean()))
-    # 2. probe: does the previous token end a sentence (. or newline)? layer 0 sees only the current token
+    # 2. probe: is the current token inside an open parenthesis? That needs the context (the
+    #    tokens since the last "(" or ")"), so the current token alone should not give it away.
     tok = actscope.load_model("default")[1]
     ids = store.token_ids().reshape(-1).numpy()[:8192]
     pieces = tok.convert_ids_to_tokens(ids.tolist())
-    ends = np.array([p.endswith((".", "\u010a", "\n")) for p in pieces])
-    rows = np.array([i for i in range(1, 8192) if i % store.seq_len != 0])
-    lab = Labels(ends[rows - 1].astype(int), rows=rows, types=ids[rows])
+    inside = np.zeros(len(ids), dtype=int)
+    depth = 0
+    for i, piece in enumerate(pieces):
+        if i % store.seq_len == 0:
+            depth = 0  # the model sees one sequence at a time
+        inside[i] = depth > 0  # open before this token
+        depth = max(0, depth + piece.count("(") - piece.count(")"))
+    rows = np.array([i for i in range(8192) if i % store.seq_len >= 8])  # some context first
+    # balance the classes (every inside token, as many outside ones drawn at random), so that
+    # chance is 0.5 and the control task cannot score by predicting the majority class
+    pos, neg = rows[inside[rows] == 1], rows[inside[rows] == 0]
+    neg = np.random.default_rng(0).choice(neg, size=len(pos), replace=False)
+    rows = np.sort(np.concatenate([pos, neg]))
+    print(f"probe rows: {len(rows)} ({len(pos)} inside parentheses, {len(neg)} outside)")
+    lab = Labels(inside[rows], rows=rows, types=ids[rows])
     every3 = sites[::3]
     probe = probe_layers(store, every3, lab, C=0.1)
     probe.save("bench/out/compare-probe")
