@@ -52,7 +52,8 @@ lock:
 	rm -rf .venv-lock
 	@echo "lock refreshed: git diff $(LOCK), then make test"
 
-# The same suite on the newest versions pyproject.toml allows (torch stays at the local CPU build).
+# The same suite on the newest versions pyproject.toml allows, torch included (the eager upgrade moves it
+# past the local CPU build to the newest torch the index and local pip config allow).
 test-latest: browser
 	test -x .venv-latest/bin/python || python3 -m venv .venv-latest
 	.venv-latest/bin/python -m pip -q --disable-pip-version-check install --upgrade pip
@@ -71,10 +72,12 @@ bench: install
 	$(PY) bench/steer.py
 	$(PY) bench/interventions.py
 	$(PY) bench/sparse_kernel.py
+	$(PY) bench/spine.py
 	$(PY) bench/sparsify.py
 	$(PY) bench/sparsify.py --dtype bfloat16 --speed-only --methods teal,wina,cats,coreinfer
 	$(PY) bench/wina_rotation.py
 	$(PY) bench/compare.py
+	$(PY) bench/sae.py
 	$(PY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && $(PY) bench/sparsify_gpu.py || echo 'no CUDA GPU: bench/sparsify_gpu.py skipped'
 
 clean:
