@@ -120,6 +120,30 @@ def test_every_isa_path_equals_masked_dense(isa, dtype, rows, d_out):
     assert kern.stream_read(t) == pytest.approx(float(t.double().sum()), abs=1e-2)
 
 
+def test_openmp_team_pool_equals_masked_dense():
+    """ACTSCOPE_KERNEL_POOL=omp hands the kernel's chunks to torch's OpenMP team instead of the
+    kernel's own helper threads: same outputs, on a weight large enough for many chunks."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from actscope.sparsify.kernel import cpu_kernel\n"
+        "torch.set_num_threads(2); g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(3, 2048, generator=g); wt = torch.randn(2048, 1024, generator=g)\n"
+        "b = torch.randn(1024, generator=g); t = torch.tensor([0.7])\n"
+        "c = torch.zeros(2, dtype=torch.int64)\n"
+        "got = cpu_kernel().sparse_linear(x, wt, b, t, torch.empty(0), c)\n"
+        "want = torch.where(x.abs() > 0.7, x, torch.zeros(())) @ wt + b\n"
+        "print(float((got - want).abs().max()), int(c[0]), int(c[1]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ACTSCOPE_KERNEL_POOL="omp"),
+                         capture_output=True, text=True, timeout=300)
+    diff, kept, total = run.stdout.split()
+    assert float(diff) < 1e-3 and 0 < int(kept) < int(total), run.stderr[-2000:]
+
+
 def test_isa_forced_by_environment_and_refused_when_unknown():
     import os
     import subprocess

@@ -25,6 +25,7 @@
 #include <string>
 #include <thread>
 #include <vector>
+#include <omp.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define ACTSCOPE_X86 1
@@ -341,6 +342,16 @@ class Pool {
       for (int64_t c = 0; c < n; ++c) fn(0, c);
       return;
     }
+    if (use_openmp_team()) {  // torch's own OpenMP team: its workers are awake right after a torch op
+      std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(helpers + 1)
+      {
+        const int slot = omp_get_thread_num();
+        int64_t c;
+        while ((c = next.fetch_add(1)) < n) fn(slot, c);
+      }
+      return;
+    }
     ensure(helpers);
     std::lock_guard<std::mutex> serial(call_mutex_);  // one job at a time (calls from several Python threads)
     fn_ = &fn;
@@ -360,6 +371,19 @@ class Pool {
   }
 
  private:
+  // ACTSCOPE_KERNEL_POOL=omp (read once): chunks are claimed by the threads of an OpenMP
+  // parallel region instead of this pool's helpers. The extension links the libgomp that torch
+  // loaded (same soname), so the region reuses torch's worker threads, which keep spinning for a
+  // while after each torch op and would otherwise hold the core this pool's helper needs.
+  // Off by default until measured on more than one machine.
+  static bool use_openmp_team() {
+    static const bool on = [] {
+      const char* env = std::getenv("ACTSCOPE_KERNEL_POOL");
+      return env != nullptr && std::string(env) == "omp";
+    }();
+    return on;
+  }
+
   static void _spin() {
 #ifdef ACTSCOPE_X86
     _mm_pause();
