@@ -120,9 +120,11 @@ def test_every_isa_path_equals_masked_dense(isa, dtype, rows, d_out):
     assert kern.stream_read(t) == pytest.approx(float(t.double().sum()), abs=1e-2)
 
 
-def test_openmp_team_pool_equals_masked_dense():
-    """ACTSCOPE_KERNEL_POOL=omp hands the kernel's chunks to torch's OpenMP team instead of the
-    kernel's own helper threads: same outputs, on a weight large enough for many chunks."""
+@pytest.mark.parametrize("pool", ["omp", "own"])
+def test_both_thread_pools_equal_masked_dense(pool):
+    """The kernel's chunks run on torch's OpenMP team (the default) or, with
+    ACTSCOPE_KERNEL_POOL=own, on the kernel's help-first pool: same outputs, on a weight large
+    enough for many chunks."""
     import os
     import subprocess
     import sys
@@ -138,7 +140,7 @@ def test_openmp_team_pool_equals_masked_dense():
         "want = torch.where(x.abs() > 0.7, x, torch.zeros(())) @ wt + b\n"
         "print(float((got - want).abs().max()), int(c[0]), int(c[1]))\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ACTSCOPE_KERNEL_POOL="omp"),
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ACTSCOPE_KERNEL_POOL=pool),
                          capture_output=True, text=True, timeout=300)
     diff, kept, total = run.stdout.split()
     assert float(diff) < 1e-3 and 0 < int(kept) < int(total), run.stderr[-2000:]
