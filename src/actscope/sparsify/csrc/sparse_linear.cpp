@@ -375,7 +375,8 @@ class Pool {
   // links the libgomp that torch loaded (same soname), so the region reuses torch's worker
   // threads, which keep spinning for a while after each torch op: a helper thread of our own
   // would wait for the core they hold, and most calls would run on one thread. On a quiet
-  // 2-core Xeon this took TEAL 50% decoding of a 1B shape from 1.19x to 1.41x dense (float32).
+  // 2-core Xeon this took compiled TEAL 50% decoding of the 135M default model from 23 to
+  // 30-35 tok/s (docs/benchmarks.md).
   // ACTSCOPE_KERNEL_POOL=own (read once) selects the help-first pool below instead, which never
   // waits for a thread that the scheduler has not run: better on an oversubscribed machine.
   static bool use_openmp_team() {
