@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import tempfile
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from .cli_options import BatchSize, Device, Model, Out, StoreDir, device_name, split_list
+from .cli_options import STORE_HELP, BatchSize, Data, Device, MaxTokens, Model, Out, StoreDir, device_name, split_list
 
 sae_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Sparse autoencoders and transcoders trained from an activation store.")
@@ -140,9 +141,13 @@ def nmf_fit_cmd(
 @sae_app.command("features")
 def features_cmd(
     sae: Annotated[str, typer.Option("--sae", help="an SAE folder (ours, SAELens, sparsify or dictionary_learning)")],
-    store: StoreDir,
+    store: Annotated[Optional[str], typer.Option(
+        "--store", help=STORE_HELP + "; without it, --model runs on --data and the SAE's site is recorded "
+        "to a temporary store first")] = None,
     out: Out = "runs/sae-features",
     model: Annotated[Optional[str], Model.__metadata__[0]] = None,
+    data: Data = None,
+    max_tokens: MaxTokens = None,
     top: Annotated[int, typer.Option("--top", help="top contexts kept per latent")] = 10,
     bins: Annotated[int, typer.Option(
         "--bins", help="equal-width activation bins between 0 and each latent's max, sampled for contexts; "
@@ -160,13 +165,24 @@ def features_cmd(
 
     if top < 1 or bins < 0 or per_bin < 1:
         raise SAEError(f"--top and --per-bin must be positive and --bins at least 0, got {top}, {per_bin} and {bins}")
+    if store is None and model is None:
+        raise SAEError("give --store DIR, or --model M (with --data, default the Python reference manual) to "
+                       "record the SAE's site on the fly")
+    if store is not None and (data is not None or max_tokens is not None):
+        raise SAEError("--data and --max-tokens choose what to record without --store; with --store they do nothing")
     fitted = load(sae)
     m = tok = None
     if model is not None:
         from .models import load_model
 
         m, tok = load_model(model, device=device_name(device))
-    records = feature_data(fitted, store, tokenizer=tok, model=m, top=top, bins=bins, per_bin=per_bin, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="actscope-features-") as tmp:
+        if store is None:  # one recording of the one site, float32 so the SAE sees what it would live
+            from .record import record
+
+            store = record(m, tok, str(Path(tmp) / "store"), [fitted.site_], data, max_tokens=max_tokens,
+                           dtype="float32")
+        records = feature_data(fitted, store, tokenizer=tok, model=m, top=top, bins=bins, per_bin=per_bin, seed=seed)
     folder = Path(out)
     page = write_browser(records, folder / "features.html", title=f"{fitted.site_} ({fitted.architecture})")
     (folder / "features.json").write_text(json.dumps(records))

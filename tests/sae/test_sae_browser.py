@@ -5,6 +5,7 @@ text (`</script>`, `<!--`, an onerror image) stays text: no injected script runs
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 from urllib.parse import quote
 
@@ -41,6 +42,32 @@ def page(tiny_llama, tiny_llama_dir, tmp_path_factory):
     records[0]["contexts"].append({"value": 99.0, "tokens": ["x", SCRIPT, COMMENT], "at": 1})
     records[0]["bins"][0]["contexts"].append({"value": 99.0, "tokens": [IMG, "y"], "at": 0})
     return write_browser(records, folder / "features" / "hostile.html", title=f"SAE {SCRIPT}"), records
+
+
+def test_features_record_the_site_on_the_fly_without_a_store(page, tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """`--model` and `--data` instead of `--store`: the SAE's site is recorded to a temporary store
+    first, and the result equals running on a store recorded the same way."""
+    folder = Path(page[0]).parent.parent
+    data = tmp_path / "texts.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    common = ["--sae", str(folder / "sae"), "--model", str(tiny_llama_dir), "--device", "cpu", "--top", "3",
+              "--bins", "2", "--per-bin", "2"]
+    fly = CliRunner().invoke(app, ["sae", "features", *common, "--data", str(data), "--max-tokens", "256",
+                                   "--out", str(tmp_path / "fly")])
+    assert fly.exit_code == 0, fly.output
+    model, tok = actscope.load_model(str(tiny_llama_dir))
+    actscope.record(model, tok, str(tmp_path / "store"), [SITE], str(data), max_tokens=256, dtype="float32",
+                    progress=False)
+    kept = CliRunner().invoke(app, ["sae", "features", *common, "--store", str(tmp_path / "store"),
+                                    "--out", str(tmp_path / "kept")])
+    assert kept.exit_code == 0, kept.output
+    assert (tmp_path / "fly" / "features.json").read_text() == (tmp_path / "kept" / "features.json").read_text()
+    code, _, err = run_cli(["sae", "features", *common, "--store", str(tmp_path / "store"), "--data", str(data),
+                            "--out", str(tmp_path / "x")], capsys, monkeypatch)
+    assert code == 2 and "--data and --max-tokens choose what to record" in err
+    code, _, err = run_cli(["sae", "features", "--sae", str(folder / "sae"), "--out", str(tmp_path / "y")],
+                           capsys, monkeypatch)
+    assert code == 2 and "give --store DIR, or --model M" in err
 
 
 def _dom(page_url: str, tmp_path) -> str:
