@@ -256,7 +256,7 @@ TAKES = {  # command -> the shared options it takes
     "sae train": ["store", "out", "batch_size"],
     "sae eval": ["store", "out", "model", "batch_size", "device"],
     "nmf fit": ["store", "out", "model", "device"],
-    "sae features": ["store", "out", "model", "device"],
+    "sae features": ["store", "out", "model", "data", "max_tokens", "device"],
 }
 
 

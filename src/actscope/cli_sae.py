@@ -10,7 +10,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .cli_options import STORE_HELP, BatchSize, Data, Device, MaxTokens, Model, Out, StoreDir, device_name, split_list
+from .cli_options import BatchSize, Data, Device, MaxTokens, Model, Out, StoreDir, device_name, split_list
 
 sae_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Sparse autoencoders and transcoders trained from an activation store.")
@@ -141,9 +141,7 @@ def nmf_fit_cmd(
 @sae_app.command("features")
 def features_cmd(
     sae: Annotated[str, typer.Option("--sae", help="an SAE folder (ours, SAELens, sparsify or dictionary_learning)")],
-    store: Annotated[Optional[str], typer.Option(
-        "--store", help=STORE_HELP + "; without it, --model runs on --data and the SAE's site is recorded "
-        "to a temporary store first")] = None,
+    store: Annotated[Optional[str], StoreDir.__metadata__[0]] = None,
     out: Out = "runs/sae-features",
     model: Annotated[Optional[str], Model.__metadata__[0]] = None,
     data: Data = None,
@@ -159,7 +157,8 @@ def features_cmd(
     """Top activating contexts, a sample of contexts per activation bin, density, nearest latents (and
     with --model, logit effects and readable tokens) per latent, in two streaming passes with memory
     bounded by the number of latents; writes features.html, features.json and Neuronpedia
-    batch-N.json files to --out."""
+    batch-N.json files to --out. Without --store, --model runs on --data (default: the Python
+    reference manual) and the SAE's site is recorded to a temporary store first."""
     from .sae import SAEError, load
     from .sae.features import feature_data, write_browser, write_neuronpedia
 
