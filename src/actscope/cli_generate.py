@@ -17,7 +17,6 @@ from .errors import ActscopeError
 from .validate import finite, positive_int
 
 COMPILE_MIN_TOKENS = 64  # `generate` compiles the sparse decoding step by default from this many new tokens
-KL_MAX_SCALE = 4096.0  # `--kl` searches scales up to this; an SAE latent is a unit vector, so it may need hundreds
 
 
 def generate(
@@ -59,7 +58,7 @@ def generate(
     from .models import load_model
     from .sparsify import SparsityConfig, greedy_decode
     from .sparsify import apply as apply_sparsity
-    from .intervene.steer_effects import generate as run_generate
+    from .intervene.steer_effects import BRACKET_LIMIT, generate as run_generate
 
     if old_sparsity is not None:
         sparsity_config = _old_sparsity(old_sparsity, sparsity_config)
@@ -87,8 +86,8 @@ def generate(
                             "CoreInfer, whose hooks keep Python state across steps; drop them")
     if kl is not None:
         scale = kl_scale(m, tok, vec, prompt, kl, sign=-1.0 if scale < 0 else 1.0)
-        if abs(scale) >= KL_MAX_SCALE:
-            typer.echo(f"warning: --kl {kl:g}: the KL stays under the bound up to scale {KL_MAX_SCALE:g}, the "
+        if abs(scale) >= BRACKET_LIMIT:
+            typer.echo(f"warning: --kl {kl:g}: the KL stays under the bound up to scale {BRACKET_LIMIT:g}, the "
                        "largest tried; steering with that", err=True)
 
     def run() -> str:
@@ -143,21 +142,12 @@ def _steering(steer_path: Optional[str], steer_sae: Optional[str], latent: Optio
 
 def kl_scale(model: Any, tokenizer: Any, vector: Any, prompt: str, epsilon: float, sign: float = 1.0) -> float:
     """The largest scale (times ``sign``) whose mean next-token ``KL(p_steered || p)`` on ``prompt``
-    stays under ``epsilon``: doubling to bracket it, then ``calibrate_scale``'s bisection.
+    stays under ``epsilon`` (``calibrate_scale`` with bracketing); one error line if none does."""
+    from .intervene.steer_effects import calibrate_scale
 
-    Bracketing first because the right order of magnitude differs by vector: a contrastive
-    vector's norm already carries the residual's scale (0.25 was the README's), while a unit SAE
-    decoder row needs about the residual norm (hundreds on some models); one fixed bisection
-    range would be either too coarse for the first or too small for the second.
-    """
-    from .intervene.steer_effects import calibrate_scale, kl_steered
-
-    hi = 1.0 / 64
-    while hi < KL_MAX_SCALE and kl_steered(model, tokenizer, vector, [prompt], sign * hi) <= epsilon:
-        hi *= 2
-    scale = calibrate_scale(model, tokenizer, vector, [prompt], epsilon=epsilon, max_scale=hi, steps=10, sign=sign)
+    scale = calibrate_scale(model, tokenizer, vector, [prompt], epsilon=epsilon, max_scale=None, steps=10, sign=sign)
     if scale == 0 or not math.isfinite(scale):
-        raise ActscopeError(f"--kl {epsilon:g}: even a scale of {hi:g} moves the next-token distribution by more "
+        raise ActscopeError(f"--kl {epsilon:g}: even a scale of 1/64 moves the next-token distribution by more "
                             "than that; give a larger --kl")
     return scale
 

@@ -124,6 +124,10 @@ def test_kl_bounded_scale_and_effect_report(tiny_llama):
     assert 0 < scale < 100
     assert kl_steered(model, tok, vec, POS + NEG, scale) <= 0.05
     assert kl_steered(model, tok, vec, POS + NEG, scale * 1.2) > 0.05 * 0.9
+    # without a range, doubling brackets the bound first: the same scale to the bisection's precision
+    bracketed = calibrate_scale(model, tok, vec, POS + NEG, epsilon=0.05, max_scale=None, steps=10)
+    assert kl_steered(model, tok, vec, POS + NEG, bracketed) <= 0.05
+    assert bracketed == pytest.approx(scale, rel=0.02)
     report = steering_effect(model, tok, vec, POS[:1], scale * 4, max_new_tokens=4)
     assert report["kl"] > 0 and report["projection_after"] > report["projection_before"]
     assert set(report["generations"][0]) == {"prompt", "before", "after"}

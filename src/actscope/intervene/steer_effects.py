@@ -40,19 +40,35 @@ def kl_steered(model: Any, tokenizer: Any, vector: SteeringVector, prompts: Sequ
     return _masked_mean(kl, enc["attention_mask"])
 
 
+BRACKET_LIMIT = 4096.0  # calibrate_scale(max_scale=None) searches scales up to this
+
+
 def calibrate_scale(
     model: Any,
     tokenizer: Any,
     vector: SteeringVector,
     prompts: Sequence[str],
     epsilon: float = 0.1,
-    max_scale: float = 64.0,
+    max_scale: float | None = 64.0,
     steps: int = 12,
     sign: float = 1.0,
 ) -> float:
-    """The largest scale (times ``sign``) with ``KL(p_steered || p) <= epsilon``, by bisection."""
+    """The largest scale (times ``sign``) with ``KL(p_steered || p) <= epsilon``, by bisection.
+
+    ``max_scale=None`` brackets first: doubling from 1/64 until the bound is crossed (at most
+    ``BRACKET_LIMIT``, returned if the KL never crosses it), then bisecting between the last two.
+    The right order of magnitude differs by vector: a contrastive vector's norm already carries
+    the residual's scale, while a unit SAE decoder row needs about the residual norm (hundreds on
+    some models), so no one fixed range suits both.
+    """
     lo, hi = 0.0, max_scale
-    if kl_steered(model, tokenizer, vector, prompts, sign * hi) <= epsilon:
+    if hi is None:
+        hi = 1.0 / 64
+        while kl_steered(model, tokenizer, vector, prompts, sign * hi) <= epsilon:
+            if hi >= BRACKET_LIMIT:
+                return sign * hi
+            lo, hi = hi, hi * 2
+    elif kl_steered(model, tokenizer, vector, prompts, sign * hi) <= epsilon:
         return sign * hi
     for _ in range(steps):
         mid = (lo + hi) / 2
