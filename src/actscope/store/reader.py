@@ -228,6 +228,14 @@ class ActivationStore:
 
     def read(self, site: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Tokens ``[start, stop)`` of ``site``: zero-copy within one shard, concatenated across."""
+        pieces = self.read_pieces(site, start, stop)
+        if not pieces:
+            return torch.empty((0, *self.shape(site)))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def read_pieces(self, site: str, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+        """``read``'s range as zero-copy views, one per shard it spans (for callers that copy
+        into a buffer of their own and would otherwise pay for the concatenation)."""
         self._site(site)
         stop = self.num_tokens if stop is None else min(stop, self.num_tokens)
         if not 0 <= start <= stop:
@@ -238,9 +246,7 @@ class ActivationStore:
             base = k * per_shard
             t = self.shard_tensor(site, k)
             pieces.append(t[max(start - base, 0) : min(stop - base, t.shape[0])])
-        if not pieces:
-            return torch.empty((0, *self.shape(site)))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return pieces
 
     def iter_batches(
         self,
