@@ -12,11 +12,12 @@ Sections, each printed as a markdown table for docs/benchmarks.md and saved to b
 1. step:     one TopK forward+backward step, actscope's sparse kernels vs a plain dense TopK step,
              on the same batch of real activations (scaled as training scales them), alternating
              rounds; the median of the per-round ratios.
-2. saelens:  actscope.sae.train vs SAELens's SAETrainer on the same store tokens, in the same
-             order, same batch size, token count, learning rate and decay; tokens/s, and FVU and
-             L0 on the held-out tokens by one FVU computation of this script's own (float64).
+2. saelens:  actscope.sae.train with optimizer="adam" vs SAELens's SAETrainer on the same store
+             tokens, in the same order, same batch size, token count, learning rate and decay;
+             tokens/s, and FVU and L0 on the held-out tokens by one FVU computation of this
+             script's own (float64); actscope's default (signum) beside them.
 3. sparsify: EleutherAI sparsify trained on the fly (the model runs on every batch) vs recording
-             the store once + training from it; tokens/s at equal tokens, held-out FVU, and wall
+             the store once + training from it, both with their default optimiser (the same one); tokens/s at equal tokens, held-out FVU, and wall
              time until each one's training FVU (3-step running mean, position 0 left out) reaches
              the FVU that both reach.
 4. multi:    several SAEs (one per k in --multi-k) in one pass over the store vs one at a time;
@@ -143,7 +144,8 @@ def ours_recon(sae: TopKSAE) -> Recon:
     return recon
 
 
-def train_ours(store: Store, ks: list[int], args: argparse.Namespace, trace: bool = False) -> tuple[float, list, list]:
+def train_ours(store: Store, ks: list[int], args: argparse.Namespace, trace: bool = False,
+               optimizer: str = "signum") -> tuple[float, list, list]:
     """actscope.sae.train of one SAE per k in one pass; returns (seconds, fitted, trajectory).
 
     With ``trace``, every step's training FVU of the first SAE is logged with its time by
@@ -157,7 +159,7 @@ def train_ours(store: Store, ks: list[int], args: argparse.Namespace, trace: boo
         if "fvu" in self.last and self.job is jobs[0]:
             log.append((time.perf_counter() - clock["start"], self.last["fvu"]))
 
-    jobs = [Job(TopKSAE(k=k, expansion=args.expansion, seed=args.seed), SITE) for k in ks]
+    jobs = [Job(TopKSAE(k=k, expansion=args.expansion, seed=args.seed, optimizer=optimizer), SITE) for k in ks]
     if trace:
         mod._Run.step = logged
     try:
@@ -178,23 +180,30 @@ def saelens_section(args: argparse.Namespace, store: Store, X_held: T, ours: dic
         for b in token_batches(store, [SITE], args.batch, seed=args.seed, epochs=None):
             yield b.rows[SITE][b.positions(store.seq_len) != 0].float()
 
+    adam = TopKSAE(optimizer="adam")
+    note(f"actscope.sae.train with Adam (SAELens's recipe): k={args.k}, {args.tokens:,} tokens")
+    s_adam, fitted, _ = train_ours(store, [args.k], args, optimizer="adam")
+    mine = {"seconds": s_adam, "tokens_per_s": steps * args.batch / s_adam, **shared_fvu(ours_recon(fitted[0]), X_held)}
     note(f"SAELens SAETrainer: {steps} steps of {args.batch}")
     seconds, recon = saelens_train(rechunk(provider(), args.batch), d_in=d, n_latents=n, k=args.k,
-                                   batch_size=args.batch, steps=steps, lr=TopKSAE().learning_rate(n),
-                                   decay_steps=round(steps * TopKSAE().decay_share),
+                                   batch_size=args.batch, steps=steps, lr=adam.learning_rate(n),
+                                   decay_steps=round(steps * adam.decay_share),
                                    norm_batches=max(1, math.ceil(16384 / args.batch)), seed=args.seed)
     theirs = {"seconds": seconds, "tokens_per_s": steps * args.batch / seconds, **shared_fvu(recon, X_held)}
-    ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    ratio = mine["tokens_per_s"] / theirs["tokens_per_s"]
     out(f"### 2. Training from the same store activations: {SITE}, TopK k {args.k}, {n} latents, {steps} steps of "
-        f"{args.batch} tokens, lr {TopKSAE().learning_rate(n):.2e} with the last 20% decayed for both, SAELens's "
+        f"{args.batch} tokens; Adam at lr {adam.learning_rate(n):.2e} with the last 20% decayed for both, SAELens's "
         f"defaults otherwise; held-out FVU/L0 on {X_held.shape[0]:,} tokens (position 0 left out)")
+    row = lambda name, r, rat: [name, f"{r['seconds']:.1f}", f"{r['tokens_per_s']:,.0f}", rat,  # noqa: E731
+                                f"{r['fvu']:.4f}", f"{r['l0']:.1f}"]
     table(["trainer", "seconds", "tokens/s", "ratio", "held-out FVU", "L0"],
-          [["actscope.sae.train", f"{ours['seconds']:.1f}", f"{ours['tokens_per_s']:,.0f}", f"**{ratio:.2f}x**",
-            f"{ours['fvu']:.4f}", f"{ours['l0']:.1f}"],
-           ["SAELens SAETrainer", f"{seconds:.1f}", f"{theirs['tokens_per_s']:,.0f}", "1", f"{theirs['fvu']:.4f}",
-            f"{theirs['l0']:.1f}"]])
-    out(f"FVU difference (actscope - SAELens): {ours['fvu'] - theirs['fvu']:+.4f} (negative: actscope's is lower)\n")
-    return {"saelens": theirs, "ratio_tokens_per_s": ratio, "steps": steps}
+          [row("actscope.sae.train, optimizer=adam (SAELens's recipe)", mine, f"**{ratio:.2f}x**"),
+           row("SAELens SAETrainer", theirs, "1"),
+           row("actscope.sae.train, default (schedule-free signum)", ours,
+               f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")])
+    out(f"FVU difference at the same recipe (actscope - SAELens): {mine['fvu'] - theirs['fvu']:+.4f} "
+        "(negative: actscope's is lower)\n")
+    return {"saelens": theirs, "actscope_adam": mine, "ratio_tokens_per_s": ratio, "steps": steps}
 
 
 def sparsify_section(args: argparse.Namespace, model: Any, train_tokens: TokenBatches, X_held: T, ours: dict,
@@ -220,7 +229,8 @@ def sparsify_section(args: argparse.Namespace, model: Any, train_tokens: TokenBa
            "time_to_target": {"actscope": t_ours, "sparsify": t_theirs}, "ratio_from_store": from_store,
            "ratio_end_to_end": e2e, "ratio_tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"]}
     out(f"### 3. On the fly (sparsify) vs store: {SITE} (sparsify's `layers.{LAYER}`), TopK k {args.k}, "
-        f"{args.expansion}x, batches of {batch_seqs} x {train_tokens.seq_len} tokens, sparsify's default optimiser")
+        f"{args.expansion}x, batches of {batch_seqs} x {train_tokens.seq_len} tokens, both with their default "
+        "optimiser (schedule-free signum)")
     table(["run", "seconds", "tokens/s", "held-out FVU", "L0", f"seconds to training FVU {target:.4f}"],
           [["actscope: record the store (all train tokens, both sites)", f"{record_s:.1f}", "", "", "", ""],
            ["actscope: train from the store", f"{ours['seconds']:.1f}", f"{ours['tokens_per_s']:,.0f}",

@@ -39,7 +39,10 @@ def train_cmd(
         "--target", help="train transcoders: reconstruct this site from --site")] = None,
     batch_size: BatchSize = 4096,
     tokens: Annotated[Optional[int], typer.Option("--tokens", help="training tokens; default one pass")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate; default 2e-4 x sqrt(16384/latents)")] = None,
+    optimizer: Annotated[str, typer.Option(
+        "--optimizer", help="signum (schedule-free sign descent) or adam (SAELens's recipe)")] = "signum",
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="learning rate; default (5e-3 signum, 2e-4 adam) x sqrt(16384/latents)")] = None,
     seed: Annotated[int, typer.Option("--seed", help="initialisation and shuffling seed")] = 0,
     keep_outliers: Annotated[bool, typer.Option(
         "--keep-outliers", help="train on position 0 and on tokens above 10x the median norm too")] = False,
@@ -54,7 +57,7 @@ def train_cmd(
     widths = _ints(expansion, "--expansion") or [16]
     if any(v <= 0 for v in ks + widths) or batch_size <= 0 or (tokens is not None and tokens <= 0):
         raise SAEError("--k, --expansion, --batch-size and --tokens must be positive")
-    common = dict(batch_size=batch_size, tokens=tokens, lr=lr, seed=seed)
+    common = dict(batch_size=batch_size, tokens=tokens, lr=lr, optimizer=optimizer, seed=seed)
     if keep_outliers:
         common.update(skip_first=False, max_norm_ratio=None)
     takes_k = "k" in ARCHITECTURES[arch]().get_params()

@@ -79,7 +79,7 @@ def test_initialisation_follows_the_recipe():
     W_enc, W_dec = run.p["W_enc"], run.p["W_dec"]
     assert torch.equal(W_enc, W_dec)  # encoder = decoder transpose (rows of both per latent)
     torch.testing.assert_close(W_dec.norm(dim=1), torch.ones(64))
-    assert run.meta["lr"] == pytest.approx(2e-4 / (64 / 2**14) ** 0.5)
+    assert run.meta["lr"] == pytest.approx(5e-3 / (64 / 2**14) ** 0.5)  # signum, the default
     keep = OutlierPolicy.from_dict(run.meta["outliers"]).keep(x, positions)
     assert not keep[0] and not keep[50] and keep[1:50].all()
     scaled = x[keep] * run.meta["scale_in"]
@@ -133,14 +133,15 @@ SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 from actscope.sae import Job, TopKSAE, train
-sae = TopKSAE(k=4, expansion=4, batch_size=64, tokens=64 * 400, dead_tokens=500)
+sae = TopKSAE(k=4, expansion=4, batch_size=64, tokens=64 * 400, dead_tokens=500, optimizer="{optimizer}")
 train(sys.argv[1], [Job(sae, "{site}")], out=sys.argv[2], checkpoint_steps=5, progress=False)
 """
 
 
-def test_kill_9_then_rerun_gives_bit_identical_weights(store, tmp_path):
+@pytest.mark.parametrize("optimizer", ["signum", "adam"])
+def test_kill_9_then_rerun_gives_bit_identical_weights(store, tmp_path, optimizer):
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(site=SITE))
+    script.write_text(SCRIPT.format(site=SITE, optimizer=optimizer))
     env = dict(os.environ, PYTHONPATH=str(Path(actscope.__file__).parents[1]))
     cmd = [sys.executable, str(script), str(store.loc.url)]
     killed = tmp_path / "killed"

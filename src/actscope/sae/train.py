@@ -8,9 +8,10 @@ sites together) and every SAE takes a step on it, so a sweep over k, width or la
 reading once. The recipe is the one that the field's bug reports converged on: encoder = decoder
 transpose at init, unit-norm decoder rows with the gradient component parallel to each row
 removed, ``b_dec`` at the geometric median, lr proportional to 1/sqrt(latents), AuxK on latents
-dead for ``dead_tokens`` tokens, and a linear decay of the lr over the last ``decay_share``.
+dead for ``dead_tokens`` tokens; the optimiser is schedule-free sign descent by default, or Adam
+with a linear decay of the lr over the last ``decay_share`` (``sae.optim`` says why).
 
-Resume: the whole training state (weights, Adam moments, dead counters, the data position) is
+Resume: the whole training state (weights, optimiser buffers, dead counters, the data position) is
 one safetensors file, written atomically with its JSON description in the file's metadata, so a
 kill at any instant leaves either the previous checkpoint or the new one, never a mixture. The
 batches are a pure function of (seed, step), so a resumed run continues on exactly the batches the
@@ -36,10 +37,10 @@ from ..store.reader import ActivationStore, open_store
 from .base import SAEError, SparseAutoencoder
 from .data import Batch, OutlierPolicy, _gather, epoch_order
 from .distributed import Group, Part, combine, my_slices
+from .optim import adam_step, init_buffers, signum_step
 
 CHECKPOINT = ".actscope-train"
 INIT_TOKENS = 16384
-BETAS, EPS = (0.9, 0.999), 6.25e-10
 
 
 @dataclass
@@ -74,13 +75,13 @@ def geometric_median(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
 
 
 class _Run:
-    """Training state of one job: parameters, Adam moments, buffers, scales, outlier policy."""
+    """Training state of one job: parameters, optimiser buffers, state, scales, outlier policy."""
 
     def __init__(self, job: Job, device: torch.device | str = "cpu", amp: bool = False):
         self.job = job
         self.sae = job.sae
         self.device = torch.device(device)
-        self.amp = amp  # bf16 autocast around the loss; parameters and Adam moments stay float32
+        self.amp = amp  # bf16 autocast around the loss; parameters and optimiser buffers stay float32
         self.p: dict[str, torch.Tensor] = {}
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
@@ -117,8 +118,7 @@ class _Run:
                       "tokens": torch.zeros((), dtype=torch.long), "transcoder": torch.tensor(transcoder)}
         sae.init_extra(self.p, self.state)
         self.to_device()
-        self.m = {k: torch.zeros_like(t) for k, t in self.p.items()}
-        self.v = {k: torch.zeros_like(t) for k, t in self.p.items()}
+        self.m, self.v = init_buffers(sae.optimizer, self.p)
         self.meta = {"scale_in": scale_in, "scale_out": scale_out, "outliers": policy.to_dict(),
                      "lr": sae.learning_rate(n), "history": []}
 
@@ -148,22 +148,22 @@ class _Run:
         return Part(list(grads), info, x.shape[0], float(loss.detach()))
 
     def update(self, part: Part, lr_factor: float, step: int) -> None:
-        """One Adam step from the (combined) gradients, then the dead-latent bookkeeping."""
+        """One optimiser step from the (combined) gradients, then the dead-latent bookkeeping."""
         sae, info = self.sae, part.info
         with torch.no_grad():
-            lr = self.meta["lr"] * lr_factor
-            b1, b2 = BETAS
-            t_ = step + 1
+            signum = sae.optimizer == "signum"
+            lr = self.meta["lr"] * (1.0 if signum else lr_factor)  # signum's average is its schedule
             for (name, w), g in zip(self.p.items(), part.grads):
                 if g is None:
                     continue
                 g = g.to(w.dtype)
-                if name == "W_dec" and sae.unit_norm_decoder:
+                unit_rows = name == "W_dec" and sae.unit_norm_decoder
+                if unit_rows:
                     g = g - (g * w).sum(1, keepdim=True) * w  # keep the rows' norm: drop the parallel part
-                self.m[name].mul_(b1).add_(g, alpha=1 - b1)
-                self.v[name].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (self.v[name] / (1 - b2**t_)).sqrt_().add_(EPS)
-                w.addcdiv_(self.m[name], denom, value=-lr / (1 - b1**t_))
+                if signum:
+                    signum_step(w, g, self.m[name], self.v[name], lr, step, unit_rows)
+                else:
+                    adam_step(w, g, self.m[name], self.v[name], lr, step)
             if sae.unit_norm_decoder:
                 self.p["W_dec"] /= self.p["W_dec"].norm(dim=1, keepdim=True).clamp_min(1e-12)
             sae.after_step(self.p, self.state, info)
@@ -276,7 +276,7 @@ def train(store: ActivationStore | str, jobs: Sequence[Job], *, out: str | Path 
     from it, and saves the SAE there (one job) or in one subfolder per job, named after it.
 
     ``device=None`` is CUDA when there is one. ``autocast=None`` runs the loss under bf16
-    autocast on CUDA (weights and Adam state stay float32), not on CPU. Under ``torchrun`` each
+    autocast on CUDA (weights and optimiser state stay float32), not on CPU. Under ``torchrun`` each
     rank trains on its slice of every batch and only rank 0 writes (see ``sae.distributed``);
     ``micro_batches`` cuts each rank's share further, to save memory or to reproduce an N-rank
     run in fewer processes (N ranks = 1 process with ``micro_batches=N``).
