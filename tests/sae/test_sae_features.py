@@ -112,6 +112,20 @@ def test_browser_and_neuronpedia_files(setup, tiny_llama, tmp_path):
     paths = write_neuronpedia(records, tmp_path / "np", "tiny", SITE, per_file=50)
     batch = json.loads(paths[0].read_text())
     assert [p.name for p in paths][:2] == ["batch-0.json", "batch-1.json"] and batch[0]["index"] == "0"
+    j = busy["latent"]
+    exported = json.loads(paths[j // 50].read_text())[j % 50]["activations"]
+    top = [a for a in exported if a["binContains"] == -1]
+    assert [a["maxValue"] for a in top] == [c["value"] for c in busy["contexts"]]
+    assert all(a["binMin"] == -1 and a["binMax"] == busy["max"] for a in top)
+    sampled = [a for a in exported if a["binContains"] != -1]
+    want = [(b["lo"], b["hi"], c["value"]) for b in busy["bins"] for c in b["contexts"]]
+    assert [(a["binMin"], a["binMax"], a["maxValue"]) for a in sampled] == want
+    fired = sum(b["count"] for b in busy["bins"])
+    shares = {(a["binMin"], a["binContains"]) for a in sampled}
+    assert shares == {(b["lo"], b["count"] / fired) for b in busy["bins"] if b["contexts"]}
+    assert all(a["binMin"] <= a["maxValue"] <= a["binMax"] + 1e-3 for a in sampled)
+    assert all(len(a["values"]) == len(a["tokens"]) and a["values"][a["maxValueTokenIndex"]] == a["maxValue"]
+               for a in exported)
 
 
 def test_steering_vector_from_a_latent(setup):

@@ -207,18 +207,31 @@ def feature_data(sae: SparseAutoencoder, store: ActivationStore | str, *, tokeni
     return records
 
 
+def _np_activation(c: dict[str, Any], bin_min: float, bin_max: float, contains: float) -> dict[str, Any]:
+    """One context as a Neuronpedia activation: per-token values (the latent's value at its
+    token, 0 elsewhere, since only the peak is kept) and the bin it was drawn from."""
+    values = [c["value"] if i == c["at"] else 0.0 for i in range(len(c["tokens"]))]
+    return {"tokens": c["tokens"], "values": values, "maxValue": c["value"], "maxValueTokenIndex": c["at"],
+            "binMin": bin_min, "binMax": bin_max, "binContains": contains}
+
+
 def write_neuronpedia(records: list[dict[str, Any]], folder: str | Path, model_id: str, layer: str,
                       per_file: int = 128) -> list[Path]:
     """``batch-{n}.json`` files in Neuronpedia's feature-upload layout: one object per latent
-    with its activating contexts (tokens and per-token values, the max at the peak token)."""
+    with its activating contexts. Neuronpedia marks the top examples with ``binMin = -1`` and
+    ``binContains = -1``, and a quantile sample with its bin's bounds and the share of the
+    latent's activations that fall in it; the sample from every bin is exported that way."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for n, start in enumerate(range(0, len(records), per_file)):
         batch = []
         for r in records[start: start + per_file]:
-            acts = [{"tokens": c["tokens"], "values": [c["value"] if i == c["at"] else 0.0 for i in range(len(c["tokens"]))],
-                     "maxValue": c["value"], "maxValueTokenIndex": c["at"]} for c in r["contexts"]]
+            acts = [_np_activation(c, -1.0, r["max"], -1.0) for c in r["contexts"]]
+            fired = sum(b["count"] for b in r.get("bins", []))
+            for b in r.get("bins", []):
+                share = b["count"] / fired if fired else 0.0
+                acts += [_np_activation(c, b["lo"], b["hi"], share) for c in b["contexts"]]
             batch.append({"modelId": model_id, "layer": layer, "index": str(r["latent"]),
                           "frac_nonzero": r["density"], "activations": acts,
                           "pos_str": r.get("logits_top", []), "neg_str": r.get("logits_bottom", [])})
