@@ -47,12 +47,12 @@ PY
 # 5. the feature browser: top contexts and 4 activation bins per latent, logit effects, nearest latents
 "$ACTSCOPE" sae features --sae "$OUT/sae" --store "$OUT/heldout" --model default --out "$OUT/features"
 
-# 6. steer with one latent. 409 is the latent this run's SAE has for the word " exception" (its ten
-#    strongest held-out activations all sit on that token; see features.html#409). The number
+# 6. steer with one latent. 7036 is the latent this run's SAE has for the word " Python" (its ten
+#    strongest held-out activations all sit on that token; see features.html#7036). The number
 #    belongs to this training run: with another torch build or machine, read the browser and set
 #    LATENT to the latent you want. --kl 1 picks the largest scale whose next-token KL to the
 #    unsteered model on the prompt stays under 1 nat.
-LATENT=${LATENT:-409}
+LATENT=${LATENT:-7036}
 PROMPT=${PROMPT:-"The program stopped, and the message said"}
 "$ACTSCOPE" generate --model default --steer-sae "$OUT/sae" --latent "$LATENT" --kl 1 --prompt "$PROMPT" \
     --max-new-tokens 30 --compare | tee "$OUT/steered.txt"
