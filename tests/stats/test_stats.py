@@ -119,3 +119,26 @@ def test_distinct_count_estimates_and_merges():
     small = DistinctCount()
     small.update(hashes[:100])
     assert abs(small.estimate() - 100) < 5
+
+
+@pytest.mark.parametrize("d", [64, 100, 1536])
+def test_hash_rows_packs_bits_exactly(d):
+    """hash_rows = sum over 64-bit words of word x odd salt (wrapping), each word the row's bits
+    in order: checked against packing written out in Python integers."""
+    from actscope.stats.mlp import hash_rows
+
+    gen = torch.Generator().manual_seed(d)
+    active = torch.rand(40, d, generator=gen) > 0.6
+    active[1] = active[0]
+    active[2] = active[0]
+    active[2, d - 1] = ~active[0, d - 1]  # one bit apart
+    salt = torch.randint(-(2**62), 2**62, ((d + 63) // 64,), generator=gen, dtype=torch.int64) | 1
+    got = hash_rows(active, salt)
+    for r in range(active.shape[0]):
+        total = 0
+        for w in range(salt.numel()):
+            word = sum(1 << b for b in range(64) if w * 64 + b < d and bool(active[r, w * 64 + b]))
+            total += (word - (1 << 64) if word >= 1 << 63 else word) * int(salt[w])
+        want = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrap to int64
+        assert int(got[r]) == want
+    assert got[0] == got[1] and got[0] != got[2]
