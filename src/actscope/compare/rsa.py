@@ -73,7 +73,9 @@ def rdm(X: Any, metric: str = "correlation", *, conditions: Sequence[Any] | None
         X = _average(X, idx, len(names))
     if metric == "euclidean":
         sq = np.einsum("ij,ij->i", X, X)[:, None]  # no [n, channels] temporary
-        D = (sq + sq.T - 2 * X @ X.T) / n_ch
+        # X @ X.T first: numpy runs a product of an array with its own transpose as a symmetric
+        # rank-k update (half the work); ``2 * X @ X.T`` would scale X first and lose that
+        D = (sq + sq.T - 2 * (X @ X.T)) / n_ch
     else:
         Z = X - X.mean(axis=1, keepdims=True)
         Z = Z / np.sqrt(np.einsum("ij,ij->i", Z, Z))[:, None]
