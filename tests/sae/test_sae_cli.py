@@ -43,6 +43,12 @@ def test_one_trained_sae_is_the_out_folder_itself(store_dir, tmp_path, capsys, m
                          capsys, monkeypatch)
     assert code == 0, err
     assert load(tmp_path / "one").architecture == "relu"
+    assert load(tmp_path / "one").get_params()["optimizer"] == "signum"  # the default
+    code, out, err = run(["sae", "train", "--store", str(store_dir), "--site", SITE, "--optimizer", "adam",
+                          "--expansion", "2", "--batch-size", "64", "--tokens", "320", "--out", str(tmp_path / "adam")],
+                         capsys, monkeypatch)
+    assert code == 0, err
+    assert load(tmp_path / "adam").get_params()["optimizer"] == "adam"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -50,6 +56,7 @@ def test_one_trained_sae_is_the_out_folder_itself(store_dir, tmp_path, capsys, m
     (["--site", "blocks.9.nope"], "not in this store"),
     (["--site", SITE, "--k", "four"], "--k takes whole numbers"),
     (["--site", SITE, "--k", "0"], "must be positive"),
+    (["--site", SITE, "--optimizer", "sgd"], "optimizer must be one of adam, signum"),
 ])
 def test_bad_training_input_is_one_error_line(store_dir, tmp_path, capsys, monkeypatch, argv, message):
     code, out, err = run(["sae", "train", "--store", str(store_dir), "--out", str(tmp_path / "x"), *argv],
