@@ -181,7 +181,7 @@ class SemiNMF:
         FtF, XF = F.T @ F, X @ F
         G = torch.full((X.shape[0], self.rank), 0.5, dtype=torch.float64)
         for _ in range(iters):
-            G = ding_update(G, XF, FtF)
+            G = ding_update(G, XF.clone(), FtF)  # ding_update overwrites its XF
         return G.float()
 
     def residual_features(self, model: Any) -> torch.Tensor:

@@ -201,3 +201,23 @@ def test_bf16_autocast_step_keeps_float32_master_weights(store, cls):
     assert p16.loss == pytest.approx(p32.loss, rel=0.02)
     moved16, moved32 = r16.p["W_dec"] - before["W_dec"], r32.p["W_dec"] - before["W_dec"]
     assert float((moved16 - moved32).norm() / moved32.norm()) < 0.2  # Adam's first step is ~sign(g): robust
+
+
+def test_work_from_before_the_optimizer_choice_still_loads_and_resumes(store, tmp_path):
+    """Before ``optimizer`` existed every run was Adam: an SAE saved then loads as Adam, and an
+    Adam run's checkpoint fingerprint is the one it had (signum runs get a different one)."""
+    import json
+
+    from actscope.sae.train import _fingerprint
+
+    sae = TopKSAE(k=4, optimizer="adam", **FAST).fit(store, SITE, progress=False)
+    sae.save_pretrained(tmp_path / "old")
+    cfg_path = tmp_path / "old" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["metadata"]["actscope"]["hyperparameters"]["optimizer"]
+    cfg_path.write_text(json.dumps(cfg))
+    assert load(tmp_path / "old").get_params()["optimizer"] == "adam"
+    settings = {"batch_size": 128}
+    adam = json.loads(_fingerprint(store, [Job(TopKSAE(k=4, optimizer="adam"), SITE)], settings))
+    signum = json.loads(_fingerprint(store, [Job(TopKSAE(k=4), SITE)], settings))
+    assert "optimizer" not in adam["jobs"][0][1] and signum["jobs"][0][1]["optimizer"] == "signum"

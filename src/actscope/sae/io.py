@@ -105,6 +105,8 @@ def _load_saelens(folder: Path) -> SparseAutoencoder:
         raise SAEError(f"{folder}: SAELens architecture {arch!r} is not supported (topk, jumprelu, standard, "
                        "transcoder, jumprelu_transcoder are)")
     params = dict(ours.get("hyperparameters") or {})
+    if params:  # saved before the optimiser became a choice: it was Adam
+        params.setdefault("optimizer", "adam")
     if "k" in cfg:
         params["k"] = cfg["k"]
     sae = _build(ours_arch, params)

@@ -216,10 +216,16 @@ class _Run:
         self.to_device()
 
 
+def _params(sae: SparseAutoencoder) -> dict[str, Any]:
+    """Hyperparameters for the fingerprint; ``optimizer="adam"`` is left out, so a checkpoint
+    written before the optimiser became a choice (Adam was the only one) still resumes."""
+    return {k: v for k, v in sae.get_params().items() if not (k == "optimizer" and v == "adam")}
+
+
 def _fingerprint(store: ActivationStore, jobs: Sequence[Job], settings: dict[str, Any]) -> str:
     spec = {"store": [store.num_tokens, store.manifest.get("data"), store.manifest.get("model"), store.sites],
             "settings": settings,
-            "jobs": [[type(j.sae).__name__, j.sae.get_params(), j.site, j.target] for j in jobs]}
+            "jobs": [[type(j.sae).__name__, _params(j.sae), j.site, j.target] for j in jobs]}
     return json.dumps(spec, sort_keys=True, default=str)
 
 
