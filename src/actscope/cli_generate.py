@@ -25,7 +25,7 @@ def generate(
     steer_path: Annotated[Optional[str], typer.Option("--steer", help="a .gguf or saved steering vector")] = None,
     steer_sae: Annotated[Optional[str], typer.Option(
         "--steer-sae", help="steer along one SAE latent's decoder row (unit norm): an SAE folder on "
-        "blocks.L.hook_resid_post; pick the latent with --latent")] = None,
+        "blocks.L.hook_resid_post, or a semi-NMF folder fitted with --model; pick the latent with --latent")] = None,
     latent: Annotated[Optional[int], typer.Option("--latent", help="the latent of --steer-sae")] = None,
     scale: Annotated[float, typer.Option(
         "--scale", help="multiplies the steering vector (with --kl, only its sign counts)")] = 1.0,
@@ -132,9 +132,9 @@ def _steering(steer_path: Optional[str], steer_sae: Optional[str], latent: Optio
         return None
     if latent is None:
         raise ActscopeError("--steer-sae needs --latent N: which latent to steer with")
-    from .sae import load
+    from .cli_sae import load_latents
 
-    sae = load(steer_sae)
+    sae = load_latents(steer_sae)
     if not 0 <= latent < sae.d_sae:
         raise ActscopeError(f"--latent {latent} is out of range: {steer_sae} has latents 0..{sae.d_sae - 1}")
     return SteeringVector.from_sae(sae, latent)

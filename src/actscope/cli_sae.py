@@ -6,7 +6,7 @@ import itertools
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
@@ -105,6 +105,19 @@ def eval_cmd(
     typer.echo(f"metrics: {path.resolve()}")
 
 
+def load_latents(folder: str) -> Any:
+    """An SAE folder, or a semi-NMF folder (``nmf.json``) seen as latents (``nmf.NMFLatents``):
+    what ``sae features`` and ``generate --steer-sae`` read."""
+    if (Path(folder) / "nmf.json").exists():
+        from .nmf import NMFLatents
+        from .nmf import load as load_nmf
+
+        return NMFLatents(load_nmf(folder))
+    from .sae import load
+
+    return load(folder)
+
+
 nmf_app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="Semi-NMF of MLP activations, streamed from an activation store.")
 
@@ -143,7 +156,8 @@ def nmf_fit_cmd(
 
 @sae_app.command("features")
 def features_cmd(
-    sae: Annotated[str, typer.Option("--sae", help="an SAE folder (ours, SAELens, sparsify or dictionary_learning)")],
+    sae: Annotated[str, typer.Option(
+        "--sae", help="an SAE folder (ours, SAELens, sparsify or dictionary_learning), or a semi-NMF folder")],
     store: Annotated[Optional[str], StoreDir.__metadata__[0]] = None,
     out: Out = "runs/sae-features",
     model: Annotated[Optional[str], Model.__metadata__[0]] = None,
@@ -162,7 +176,7 @@ def features_cmd(
     bounded by the number of latents; writes features.html, features.json and Neuronpedia
     batch-N.json files to --out. Without --store, --model runs on --data (default: the Python
     reference manual) and the SAE's site is recorded to a temporary store first."""
-    from .sae import SAEError, load
+    from .sae import SAEError
     from .sae.features import feature_data, write_browser, write_neuronpedia
 
     if top < 1 or bins < 0 or per_bin < 1:
@@ -172,7 +186,7 @@ def features_cmd(
                        "record the SAE's site on the fly")
     if store is not None and (data is not None or max_tokens is not None):
         raise SAEError("--data and --max-tokens choose what to record without --store; with --store they do nothing")
-    fitted = load(sae)
+    fitted = load_latents(sae)
     m = tok = None
     if model is not None:
         from .models import load_model

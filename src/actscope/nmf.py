@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,8 @@ class SemiNMF:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"features": self.features_.contiguous()}
         if model is not None:
-            tensors["residual"] = self.residual_features(model).contiguous()
+            self.residual_ = self.residual_features(model).contiguous()
+            tensors["residual"] = self.residual_
         save_file(tensors, str(folder / FEATURES))
         (folder / CONFIG).write_text(json.dumps({**self.get_params(), "site": self.site_, "tokens": self.tokens_,
                                                  "loss_history": self.loss_history_,
@@ -218,10 +220,37 @@ def load(folder: str | Path) -> SemiNMF:
         raise NMFError(f"{folder}: no {CONFIG} here (not a semi-NMF folder)")
     cfg = json.loads((folder / CONFIG).read_text())
     nmf = SemiNMF(**{k: cfg[k] for k in ("rank", "keep_share", "max_iter", "tol", "chunk_tokens", "seed")})
-    nmf.features_ = load_file(str(folder / FEATURES))["features"]
+    tensors = load_file(str(folder / FEATURES))
+    nmf.features_ = tensors["features"]
+    nmf.residual_ = tensors.get("residual")  # [d_model, rank] when fitted with a model
     nmf.site_, nmf.tokens_, nmf.codes_path_ = cfg["site"], cfg["tokens"], Path(cfg["codes"])
     nmf.loss_history_, nmf.relative_loss_ = cfg["loss_history"], cfg["relative_loss"]
     return nmf
+
+
+class NMFLatents:
+    """A fitted semi-NMF seen through the SAE interface, so the SAE tools take it: the feature
+    browser and Neuronpedia export (``sae features --sae DIR`` with an NMF folder) and steering
+    (``SteeringVector.from_sae``, ``generate --steer-sae DIR --latent N``).
+
+    ``encode`` is ``transform`` (non-negative codes of new activations); the decoder rows are the
+    features in residual space (``W_out f``) when the fit was saved with a model, else over the
+    MLP's neurons. Only residual-space rows can steer: they are what the MLP writes into the
+    residual stream after its block, so they steer at ``blocks.L.hook_resid_post``.
+    """
+
+    architecture = "semi-nmf"
+
+    def __init__(self, nmf: SemiNMF):
+        self.nmf, self.site_, self.d_sae = nmf, nmf.site_, nmf.rank
+        residual = getattr(nmf, "residual_", None)
+        self.W_dec_ = (residual if residual is not None else nmf.features_).t().contiguous()
+        match = re.fullmatch(r"blocks\.(\d+)\.mlp\.hook_post", str(nmf.site_))
+        self.residual_site_ = f"blocks.{match.group(1)}.hook_resid_post" if residual is not None and match else None
+        self.meta_: dict[str, Any] = {}  # no outlier policy: browsing leaves out position 0 only
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nmf.transform(x)
 
 
 def fit(store: ActivationStore | str, site: str, rank: int, **kwargs: Any) -> SemiNMF:

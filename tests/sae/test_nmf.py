@@ -111,3 +111,44 @@ def test_transform_recovers_codes_of_an_exact_factorisation():
     for _ in range(500):
         ref = ref * torch.sqrt((pos(XF) + ref @ neg(FtF)) / (neg(XF) + ref @ pos(FtF)).clamp_min(1e-12))
     torch.testing.assert_close(G, ref.float().double(), rtol=1e-5, atol=1e-6)
+
+
+def test_nmf_features_browse_and_steer_through_the_sae_tools(store, tiny_llama, tiny_llama_dir, tmp_path,
+                                                              capsys, monkeypatch):
+    """A semi-NMF folder fitted with a model: its features as latents (codes = transform, rows in
+    residual space) feed the feature browser and steering; without the model they cannot steer."""
+    from actscope.intervene.steer import SteeringVector
+    from actscope.nmf import NMFLatents
+    from actscope.sae.features import feature_data
+    from conftest import run_cli
+
+    model, tok = tiny_llama
+    nmf = SemiNMF(rank=4, keep_share=0.25, max_iter=10).fit(store, SITE)
+    latents = NMFLatents(load(nmf.save(tmp_path / "with", model=model)))
+    resid = model.model.layers[0].mlp.down_proj.weight.detach() @ nmf.features_
+    torch.testing.assert_close(latents.W_dec_, resid.t())
+    assert latents.residual_site_ == "blocks.0.hook_resid_post"
+    vec = SteeringVector.from_sae(latents, 2)
+    assert vec.layers == [0]
+    torch.testing.assert_close(vec.directions[0], resid[:, 2] / resid[:, 2].norm())
+
+    records = feature_data(latents, store, tokenizer=tok, model=model, top=3, bins=2, per_bin=2)
+    x = store.read(SITE)[torch.arange(store.num_tokens) % store.seq_len != 0]  # position 0 left out
+    codes = nmf.transform(x)
+    assert len(records) == 4 and "logits_top" in records[0]
+    torch.testing.assert_close(torch.tensor([r["max"] for r in records]), codes.max(0).values, rtol=1e-3, atol=1e-4)
+
+    neurons = NMFLatents(load(nmf.save(tmp_path / "without")))
+    assert neurons.W_dec_.shape == (4, nmf.features_.shape[0]) and neurons.residual_site_ is None
+    with pytest.raises(actscope.ActscopeError, match="semi-NMF saved with --model"):
+        SteeringVector.from_sae(neurons, 0)
+    code, out, err = run_cli(["sae", "features", "--sae", str(tmp_path / "with"), "--store", str(store.loc.url),
+                              "--model", str(tiny_llama_dir), "--bins", "2", "--out", str(tmp_path / "browse")],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert "4 latents" in out and (tmp_path / "browse" / "features.html").exists()
+    code, out, err = run_cli(["generate", "--model", str(tiny_llama_dir), "--prompt", "the cat", "--max-new-tokens",
+                              "3", "--steer-sae", str(tmp_path / "with"), "--latent", "1", "--scale", "4"],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert "steered" in out

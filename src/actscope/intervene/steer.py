@@ -60,9 +60,11 @@ class SteeringVector:
         """
         import re
 
-        match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", str(getattr(sae, "site_", "")))
+        site = getattr(sae, "residual_site_", None) or getattr(sae, "site_", "")  # residual_site_: nmf.NMFLatents
+        match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", str(site))
         if match is None or getattr(sae, "transcoder", False):
-            raise ActscopeError(f"steering needs an SAE on blocks.L.hook_resid_post, not {getattr(sae, 'site_', None)!r}")
+            raise ActscopeError(f"steering needs an SAE on blocks.L.hook_resid_post (or a semi-NMF saved with "
+                                f"--model), not {getattr(sae, 'site_', None)!r}")
         if not 0 <= latent < sae.d_sae:
             raise ActscopeError(f"latent {latent} is out of range: this SAE has {sae.d_sae} latents")
         row = sae.W_dec_[latent].float()

@@ -179,8 +179,9 @@ def feature_data(sae: SparseAutoencoder, store: ActivationStore | str, *, tokeni
     decode = lru_cache(maxsize=None)((lambda t: tokenizer.decode([t])) if tokenizer is not None else str)
     near_i, near_v = nearest_latents(sae)
     logits = None
-    if model is not None and model.get_output_embeddings() is not None:
-        logits = logit_effects(sae, model.get_output_embeddings().weight.detach().cpu())
+    emb = model.get_output_embeddings() if model is not None else None
+    if emb is not None and sae.W_dec_.shape[1] == emb.weight.shape[1]:  # rows in the residual stream
+        logits = logit_effects(sae, emb.weight.detach().cpu())
     n_tok = max(int(acts["tokens"]), 1)
 
     def context(v: float, t: int) -> dict[str, Any]:
