@@ -167,6 +167,7 @@ class SemiNMF:
                 break
         G_map.flush()
         self.features_ = F.float()  # [d_ff, rank], unit-norm columns
+        self.residual_: torch.Tensor | None = None  # W_out f [d_model, rank], set by save(model=...)
         self.site_, self.tokens_, self.codes_path_ = site, n, Path(codes_path)
         self.relative_loss_ = self.loss_history_[-1] / sq if self.loss_history_ else math.nan
         return self
@@ -243,7 +244,7 @@ class NMFLatents:
 
     def __init__(self, nmf: SemiNMF):
         self.nmf, self.site_, self.d_sae = nmf, nmf.site_, nmf.rank
-        residual = getattr(nmf, "residual_", None)
+        residual = nmf.residual_
         self.W_dec_ = (residual if residual is not None else nmf.features_).t().contiguous()
         match = re.fullmatch(r"blocks\.(\d+)\.mlp\.hook_post", str(nmf.site_))
         self.residual_site_ = f"blocks.{match.group(1)}.hook_resid_post" if residual is not None and match else None
