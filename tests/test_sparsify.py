@@ -234,6 +234,7 @@ def _storage_bytes(model) -> int:
     seen = {}
     tensors = [p for p in model.parameters()]
     tensors += [m._wt for m in model.modules() if isinstance(m, SparseLinear) and m._wt is not None]
+    tensors += [m.group.wt for m in model.modules() if isinstance(m, SparseLinear) and m.group is not None]
     for t in tensors:
         st = t.untyped_storage()
         seen[st.data_ptr()] = st.nbytes()
@@ -255,7 +256,13 @@ def test_weights_stored_once_inside_apply_and_restored_exactly(llama, method, in
     with ctx, apply(llama, config) as handle:
         assert _storage_bytes(llama) == dense_bytes  # the kernel reads the Parameter's own storage
         for m in handle.modules.values():
-            assert m._wt.is_contiguous() and m._wt.data_ptr() == m.weight.data_ptr()
+            if m.group is not None:  # q/k/v, gate/up: columns of one block the kernel reads whole
+                assert m.weight.untyped_storage().data_ptr() == m.group.wt.untyped_storage().data_ptr()
+                assert m.group.wt.is_contiguous()
+            else:
+                assert m._wt.is_contiguous() and m._wt.data_ptr() == m.weight.data_ptr()
+        if method == "teal":
+            assert sum(m.group is not None for m in handle.modules.values()) == 5 * len(llama.model.layers)
         state = llama.state_dict()
         assert all(torch.equal(state[k], before[k]) for k in before)  # same values, transposed views
         out = llama(ids, use_cache=True)  # prefill: the dense path on the views

@@ -7,9 +7,11 @@ compiling a decoding step (``StaticDecoder(compile=True)``). As an operator with
 schema and output shape, the kernel sits inside the compiled graph instead; it updates the
 layer's ``[kept, total]`` counter in place, which the schema declares (``Tensor(a!)``).
 
-It is registered with ``torch.library.Library`` rather than the higher-level ``custom_op``
-decorator: on CPU that one's Python wrapping costs more per call than the sparse kernel itself
-on a small model's weights, and a decoding step makes one such call per sparsified linear.
+It is defined with ``torch.library.Library`` rather than the higher-level ``custom_op``
+decorator, whose Python wrapping costs more per call than the sparse kernel itself on a small
+model's weights. On CPU the C++ extension registers the kernel itself as the implementation, so
+a compiled step calls it with no Python at all; a decoding step makes one call per sparsified
+linear (or group of linears, group.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def _run(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, thresh: t
     return kernel.sparse_linear(x, wt, bias, thresh, scale, counter)
 
 
-_LIB.impl("sparse_linear", _run, "CPU")
+if (_cpu := kernel.cpu_kernel()) is not None:
+    _cpu.register_op()  # the C++ kernel is the CPU implementation: no Python between graph and kernel
+else:
+    _LIB.impl("sparse_linear", _run, "CPU")  # no compiled kernel: the masked dense fallback
 _LIB.impl("sparse_linear", _run, "CUDA")
 
 

@@ -29,6 +29,7 @@ from ..hooks import hook_module
 from ..kvcache import cached_length
 from . import kernel
 from .config import SparsityConfig
+from .group import FusedGroup, group_members
 from .layout import layer_modules
 
 KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kernel beats a dense matmul
@@ -39,6 +40,9 @@ KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kerne
 # dense path; small weights, where launches dominate, keep the kernel. The rule:
 # docs/sparsify.md, "The kernels"; the measurements behind it: docs/benchmarks.md, "On a GPU".
 GPU_KERNEL_MIN_BYTES = 4 << 20
+# Linears that share one input and one threshold (q/k/v, gate/up under TEAL) run as one CPU kernel
+# call over weights stored side by side (group.py); False keeps one call per linear.
+FUSE_GROUPS = True
 
 
 def column_norms(linear: nn.Module) -> torch.Tensor:
@@ -71,6 +75,7 @@ class SparseLinear(nn.Module):
         self._scale = self.scale if self.scale is not None else torch.empty(0, device=dev)
         w = linear.weight
         self._max_rows = KERNEL_MAX_ROWS
+        self.group: Any = None  # a group.FusedGroup once apply() stores this weight beside its group's
         if dev.type == "cuda" and w.numel() * w.element_size() >= GPU_KERNEL_MIN_BYTES:
             self._max_rows = 1
         if dev.type == "cpu" and linear.weight.dtype in (torch.float32, torch.bfloat16):
@@ -121,6 +126,8 @@ class SparseLinear(nn.Module):
         return self._wt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            return self.group.forward(self, x, KERNEL_MAX_ROWS)
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= min(self._max_rows, KERNEL_MAX_ROWS) and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():  # one opaque op, so the compiled step has no graph break
@@ -332,27 +339,35 @@ def apply(model: nn.Module, config: SparsityConfig | str) -> Iterator[SparsityHa
         return
     state = _CoreState()
     plan = _plan(model, config, state)
+    shared_inputs = [paths for lm in layer_modules(model) for paths in lm.groups.values()]
     originals = {path: model.get_submodule(path) for path in plan}
     handle = None
     moved: list[SparseLinear] = []
+    fused: list[FusedGroup] = []
     try:
         if config.method == "coreinfer":
             handle = hook_module(model, _prompt_detector(state), when="before")
         for path, new in plan.items():
             _swap(model, path, new)
+        if FUSE_GROUPS:
+            fused = group_members(plan, shared_inputs)
+        for g in fused:  # one group at a time: the peak is one group's weights more, then none
+            g.to_kernel_layout()
         for new in plan.values():  # one weight at a time: the peak is one extra matrix, then none
-            if isinstance(new, SparseLinear) and new.to_kernel_layout():
+            if isinstance(new, SparseLinear) and new.group is None and new.to_kernel_layout():
                 moved.append(new)
         _release_freed_memory()
         yield SparsityHandle({p: m for p, m in plan.items() if isinstance(m, SparseLinear)}, config)
     finally:
         if handle is not None:
             handle.remove()
+        for g in fused:
+            g.restore_layout()
         for new in moved:
             new.restore_layout()
         for path, original in originals.items():
             _swap(model, path, original)
-        if moved:
+        if moved or fused:
             _release_freed_memory()
 
 

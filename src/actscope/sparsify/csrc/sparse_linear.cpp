@@ -14,6 +14,7 @@
 // (`__builtin_cpu_supports`). ACTSCOPE_KERNEL_ISA=scalar|avx2|avx512 (read at load) or
 // `set_isa(name)` forces a path; forcing one the CPU lacks is an error, not a crash.
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <atomic>
@@ -457,7 +458,7 @@ Pool& pool() {
 template <typename T>
 torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::optional<torch::Tensor>& bias,
                   const torch::Tensor& thresh, const torch::Tensor& scale, const torch::Tensor& counter) {
-  const int64_t rows = x.size(0), in = x.size(1), out = wt.size(1);
+  const int64_t rows = x.size(0), in = x.size(1), out = wt.size(1), ld = wt.stride(0);
   const T* xp = x.data_ptr<T>();
   const T* wp = wt.data_ptr<T>();
   const float* tp = thresh.data_ptr<float>();
@@ -486,7 +487,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
   std::vector<float> xs(rows * na);  // [rows, n_active], zero where that row does not keep the channel
   std::vector<const T*> wrows(na);
   for (int64_t j = 0; j < na; ++j) {
-    wrows[j] = wp + active[j] * out;
+    wrows[j] = wp + active[j] * ld;
     for (int64_t r = 0; r < rows; ++r) xs[r * na + j] = xt[r * in + active[j]];
   }
   if (counter.defined() && counter.numel() == 2) {
@@ -569,10 +570,25 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<tor
   TORCH_CHECK(thresh.scalar_type() == torch::kFloat32, "sparse_linear: thresh must be float32");
   TORCH_CHECK(!x.is_cuda(), "sparse_linear: CPU tensors only (the Triton kernel serves CUDA)");
   x = x.contiguous();
-  wt = wt.contiguous();
+  if (wt.stride(1) != 1 || wt.stride(0) < wt.size(1)) wt = wt.contiguous();  // rows may be a column slice of a wider block
   if (x.scalar_type() == torch::kFloat32) return run<float>(x, wt, bias, thresh, scale, counter);
   if (x.scalar_type() == torch::kBFloat16) return run<at::BFloat16>(x, wt, bias, thresh, scale, counter);
   TORCH_CHECK(false, "sparse_linear: float32 or bfloat16 only, got ", x.scalar_type());
+}
+
+// The CPU implementation of the operator `actscope::sparse_linear` (defined in sparsify/ops.py,
+// which torch.compile keeps inside a compiled decoding step): registered from here, so each call
+// goes from the compiled graph straight to the kernel, with no Python in between.
+at::Tensor sparse_linear_op(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
+                            const at::Tensor& thresh, const at::Tensor& scale, at::Tensor& counter) {
+  return sparse_linear(x, wt, bias, thresh, scale, counter);
+}
+
+void register_op() {
+  static torch::Library* lib = nullptr;  // lives as long as the process, like the Python library object
+  if (lib != nullptr) return;
+  lib = new torch::Library(torch::Library::IMPL, "actscope", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  lib->impl("sparse_linear", TORCH_FN(sparse_linear_op));
 }
 
 // The instruction set the kernels use now, the ones this CPU can run, and a way to force one.
@@ -621,7 +637,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const char* env = std::getenv("ACTSCOPE_KERNEL_ISA");
   g_isa = best_isa();
   if (env && *env) set_isa(env);  // an unknown or unsupported name fails the import, loudly
-  m.def("sparse_linear", &sparse_linear, "y = (x * keep) @ wt + bias, reading only kept rows of wt");
+  m.def("sparse_linear", &sparse_linear, "y = (x * keep) @ wt + bias, reading only kept rows of wt (rows may be strided)");
+  m.def("register_op", &register_op, "register the kernel as actscope::sparse_linear's CPU implementation");
   m.def("rows_linear", &rows_linear, "y[:, idx] = x @ w[idx].T, zero elsewhere");
   m.def("isa", &isa, "the instruction set the kernels use: scalar, avx2 or avx512");
   m.def("supported_isas", &supported_isas, "the instruction sets this CPU can run");

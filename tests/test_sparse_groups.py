@@ -1,0 +1,99 @@
+"""Linears that share an input and a threshold (q/k/v, gate/up) run as one kernel call over
+weights stored side by side: the outputs and counts equal one call per linear, whatever order or
+inputs the members are called with, and a hook that edits an input in place is honoured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import VOCAB, random_tokens, tiny_model
+
+from actscope.kvcache import output_cache, with_cache
+from actscope.sparsify import apply, calibrate
+from actscope.sparsify import swap as swap_mod
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: q/k/v carry biases
+def model(request):
+    return tiny_model(request.param, intermediate_size=192)
+
+
+def _decode(model, config, prompt, step, fuse: bool, monkeypatch, dtype=torch.float32):
+    monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
+    model.to(dtype)
+    try:
+        with torch.inference_mode(), apply(model, config) as handle:
+            cache = output_cache(model(prompt, use_cache=True))
+            logits = model(step, **with_cache(cache), use_cache=True).logits.float()
+            groups = {id(m.group) for m in handle.modules.values() if m.group is not None}
+            return logits, handle.achieved()["per_module"], len(groups)
+    finally:
+        model.float()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_call_per_group_equals_one_call_per_linear(model, monkeypatch, rows, dtype):
+    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(8), progress=False)
+    prompt, step = torch.randint(3, VOCAB, (rows, 6)), torch.randint(3, VOCAB, (rows, 1))
+    fused, fused_kept, n_groups = _decode(model, config, prompt, step, True, monkeypatch, dtype)
+    alone, alone_kept, n_alone = _decode(model, config, prompt, step, False, monkeypatch, dtype)
+    assert n_groups == 2 * model.config.num_hidden_layers and n_alone == 0  # q/k/v and gate/up per layer
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(fused, alone, atol=tol, rtol=tol), (fused - alone).abs().max()
+    assert fused_kept == pytest.approx(alone_kept, abs=1e-12)  # each input counted once per member
+
+
+def test_no_groups_where_thresholds_differ(model):
+    """WINA scales each linear's inputs by its own column norms: q, k and v keep different inputs."""
+    config = calibrate(model, method="wina", sparsity=0.5, tokens=random_tokens(4), progress=False)
+    with torch.inference_mode(), apply(model, config) as handle:
+        assert all(m.group is None for m in handle.modules.values())
+
+
+def _members(model):
+    attn = model.model.layers[0].self_attn
+    return attn.q_proj, attn.k_proj, attn.v_proj
+
+
+def test_members_called_alone_or_with_other_inputs(model, monkeypatch):
+    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
+    h = model.config.hidden_size
+    x1, x2 = torch.randn(1, 1, h), torch.randn(1, 1, h)
+    got = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
+        with torch.inference_mode(), apply(model, config):
+            q, k, v = _members(model)
+            got[fuse] = [v(x1), q(x2), k(x2), k(x1), q(x1), v(x2)]  # any order, interleaved inputs
+    for a, b in zip(got[True], got[False]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_hook_editing_the_input_in_place_is_honoured(model, monkeypatch):
+    """A pre-hook on k_proj doubles its input in place (an inference tensor: no version counter)."""
+    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
+    x = torch.randn(1, 1, model.config.hidden_size)
+    got = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
+        with torch.inference_mode(), apply(model, config):
+            q, k, v = _members(model)
+            handle = k.register_forward_pre_hook(lambda m, args: args[0].mul_(2.0))
+            xi = x.clone()
+            got[fuse] = [q(xi), k(xi), v(xi)]
+            handle.remove()
+    for a, b in zip(got[True], got[False]):
+        assert torch.allclose(a, b, atol=1e-6)
+    q_out, k_out, v_out = got[True]
+    assert not torch.allclose(k_out, torch.zeros_like(k_out))
+
+
+def test_training_through_grouped_weights_reaches_each_parameter(model):
+    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with apply(model, config):
+        model(ids).logits.sum().backward()
+    q, k, v = _members(model)
+    assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in (q, k, v))
+    model.zero_grad(set_to_none=True)
