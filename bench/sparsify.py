@@ -12,8 +12,12 @@ is our default (uniform, re-measured in a second pass). TEAL's own kernel is GPU
 every CPU row uses actscope's kernel. Writes bench/out/sparsify.json and a Markdown table.
 
 ``--compile`` decodes with ``sparsify.StaticDecoder(compile=True)`` instead of HF's ``generate``,
-dense and sparse alike (each configuration compiles once, untimed), and also reports the
-compiled dense rate against HF's dense ``generate``.
+dense and sparse alike (compiled and warmed up untimed), and also reports the
+compiled dense rate against HF's dense ``generate``. ``--modes hf,compiled,cpp`` picks the
+decoding paths instead (``cpp``: the compiled step with ``cpp_wrapper=True``), and
+``--repeats N`` alternates dense and sparse N times per point and reports the median ratio.
+``teal-unfused`` is ``teal`` with one kernel call per linear (``sparsify.swap.FUSE_GROUPS``
+off), to measure what running q/k/v and gate/up as one call gives.
 
 ``--shape llama-1b`` (or ``llama-8b``, bfloat16 only, where memory allows) measures a model
 larger than the caches instead: random weights from a Llama-3.2-1B-shaped (Llama-3-8B-shaped)
@@ -42,6 +46,7 @@ import torch
 import actscope
 from actscope.data import TokenBatches, load_tokens
 from actscope.sparsify import apply, calibrate, kernel_status, perplexity
+from actscope.sparsify import swap
 
 SPARSITIES = (0.25, 0.4, 0.5, 0.7)
 SHAPES = {  # the real models' configs; weights are random (the GPU bench uses the same 8B one)
@@ -53,8 +58,9 @@ SHAPES = {  # the real models' configs; weights are random (the GPU bench uses t
                      rope_theta=500000.0, max_position_embeddings=8192),
 }
 PROMPT = "The Python language reference describes the syntax and the core semantics of the language. In"
-VARIANTS = {
+VARIANTS = {  # "fuse": False runs q/k/v and gate/up as one kernel call each (sparsify.swap.FUSE_GROUPS)
     "teal": dict(method="teal"),
+    "teal-unfused": dict(method="teal", fuse=False),
     "teal-paper": dict(method="teal", allocation="greedy", passes=1),
     "wina": dict(method="wina"),
     "cats": dict(method="cats"),
@@ -75,11 +81,14 @@ def decode_rate(model, ids: torch.Tensor, n: int, decoder=None) -> float:
     return n / (time.perf_counter() - start)
 
 
-def compiled_decoder(model, ids: torch.Tensor, n: int):
-    """A ``StaticDecoder(compile=True)`` for this prompt, compiled and warmed up (untimed)."""
+def compiled_decoder(model, ids: torch.Tensor, n: int, mode: str = "compiled"):
+    """A ``StaticDecoder(compile=True)`` for this prompt, compiled and warmed up (untimed);
+    ``mode="cpp"``: with ``cpp_wrapper=True``. ``mode="hf"``: ``None`` (HF's ``generate``)."""
     from actscope.sparsify import StaticDecoder
 
-    dec = StaticDecoder(model, 1, ids.shape[1] + n, compile=True)
+    if mode == "hf":
+        return None
+    dec = StaticDecoder(model, 1, ids.shape[1] + n, compile=True, cpp_wrapper=mode == "cpp")
     dec.generate(ids, n)
     return dec
 
@@ -245,13 +254,39 @@ def shape_bench(args) -> None:
               f"{r['rss_overhead']:+.1%} |")
 
 
+def measure_modes(model, ids, config, name: str, modes: list[str], dense_decs: dict, args) -> dict:
+    """Per decoding mode: median dense and sparse tok/s, achieved sparsity, and the median of the
+    ratios of ``args.repeats`` alternating dense/sparse runs."""
+    got = {}
+    for mode in modes:
+        if mode != "hf" and name == "coreinfer":
+            continue
+        with torch.inference_mode(), apply(model, config):
+            dec = compiled_decoder(model, ids, args.new_tokens, mode)
+        runs = []
+        for _ in range(args.repeats):  # dense and sparse alternate; each ratio pairs neighbours
+            with torch.inference_mode():
+                dense = decode_rate(model, ids, args.new_tokens, dense_decs.get(mode))
+            with torch.inference_mode(), apply(model, config) as handle:
+                decode_rate(model, ids, 4, dec)  # untimed: CoreInfer's fresh prompt; a re-trace if any
+                handle.reset()
+                rate = decode_rate(model, ids, args.new_tokens, dec)
+                runs.append((dense, rate, handle.achieved()["overall"]))
+        got[mode] = (statistics.median(d for d, _, _ in runs), statistics.median(r for _, r, _ in runs),
+                     runs[-1][2], statistics.median(r / d for d, r, _ in runs))
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this real model's shape (see above)")
     ap.add_argument("--sparsities", help="targets, e.g. 0.25,0.4,0.5,0.7 (default: 0.5 with --shape, else all four)")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="--shape only")
     ap.add_argument("--batches", default="1,4", help="--shape only")
-    ap.add_argument("--repeats", type=int, default=2, help="--shape only: interleaved runs per point")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved dense/sparse runs per point, ratio = median (default 2 with --shape, else 1)")
+    ap.add_argument("--modes", help="decoding paths, of hf (HF generate), compiled (StaticDecoder(compile=True)), "
+                    "cpp (the same with cpp_wrapper=True); default hf,compiled")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--methods", default=",".join(VARIANTS))
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -266,6 +301,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.shape:
+        args.repeats = args.repeats or 2
         args.sparsities = args.sparsities or "0.5"
         if args.new_tokens == 128:
             args.new_tokens = 16
@@ -273,12 +309,14 @@ def main() -> None:
             args.calib_tokens = 256
         shape_bench(args)
         return
+    args.repeats = max(1, args.repeats or 1)
     if args.plot:
         result = json.loads(Path(args.plot).read_text())
         write_plot(result, Path("docs/img/sparsify") / f"ppl_vs_sparsity-{result['dtype']}.svg")
         return
     modes = ["hf"] if args.hf else ["compiled"] if args.compile else ["hf", "compiled"]
-    if modes == ["compiled"] and "coreinfer" in args.methods.split(","):
+    modes = args.modes.split(",") if args.modes else modes
+    if "hf" not in modes and "coreinfer" in args.methods.split(","):
         raise SystemExit("--compile runs one fixed step per configuration: CoreInfer's prompt detection cannot "
                          "live in it; pass --methods without coreinfer")
     if args.quick:
@@ -303,48 +341,44 @@ def main() -> None:
         for s in targets:
             t0 = time.perf_counter()
             config = calibrate(model, method=VARIANTS[name]["method"], sparsity=s, tokens=cal, progress=False,
-                               **{k: v for k, v in VARIANTS[name].items() if k != "method"})
+                               **{k: v for k, v in VARIANTS[name].items() if k not in ("method", "fuse")})
             plan.append((name, s, config, time.perf_counter() - t0))
     model.to(dtype)
     decode_rate(model, ids, 8)  # warm-up
-    dense_dec = None
-    if "compiled" in modes:
-        torch._dynamo.config.recompile_limit = 64  # one compiled step per configuration
+    dense_decs = {}
+    if set(modes) - {"hf"}:
+        # each apply() makes new modules, which a compiled step may guard on: the step is then
+        # re-traced (Inductor's cache makes that quick) in the untimed warm-up before each timing
+        torch._dynamo.config.recompile_limit = 1024
+        torch._dynamo.config.accumulated_recompile_limit = 4096
         with torch.inference_mode():
-            dense_dec = compiled_decoder(model, ids, args.new_tokens)
-            hf, comp = decode_rate(model, ids, args.new_tokens), decode_rate(model, ids, args.new_tokens, dense_dec)
-        print(f"dense: HF generate {hf:.1f} tok/s, compiled static-cache step {comp:.1f} tok/s = {comp / hf:.2f}x")
+            dense_decs = {m: compiled_decoder(model, ids, args.new_tokens, m) for m in modes}
+            hf = decode_rate(model, ids, args.new_tokens)
+            comp = {m: decode_rate(model, ids, args.new_tokens, d) for m, d in dense_decs.items() if d is not None}
+        print(f"dense: HF generate {hf:.1f} tok/s; " + "; ".join(f"{m} {r:.1f} tok/s = {r / hf:.2f}x"
+                                                              for m, r in comp.items()))
     dense_ppl, _ = perplexity(model, held) if not args.speed_only else (float("nan"), 0.0)
     rows = []
     dense_rates = []
     print(f"dense perplexity {dense_ppl:.3f}")
     for name, s, config, cal_s in plan:
-        got = {}
-        for mode in modes:
-            if mode == "compiled" and name == "coreinfer":
-                continue
-            dec_dense = dense_dec if mode == "compiled" else None
-            with torch.inference_mode():
-                dense = decode_rate(model, ids, args.new_tokens, dec_dense)
-            with torch.inference_mode(), apply(model, config) as handle:
-                dec = compiled_decoder(model, ids, args.new_tokens) if mode == "compiled" else None
-                decode_rate(model, ids, 4, dec)  # CoreInfer: fresh prompt; kernels warm
-                handle.reset()
-                rate = decode_rate(model, ids, args.new_tokens, dec)
-                achieved = handle.achieved()["overall"]
-            got[mode] = (dense, rate, achieved)
+        swap.FUSE_GROUPS = VARIANTS[name].get("fuse", True)
+        try:
+            got = measure_modes(model, ids, config, name, modes, dense_decs, args)
+        finally:
+            swap.FUSE_GROUPS = True
         first = got[modes[0]] if modes[0] in got else next(iter(got.values()))
-        dense, rate, achieved = first
+        dense, rate, achieved, ratio = first
         dense_rates.append(dense)
         ppl, ppl_achieved = perplexity(model, held, config) if not args.speed_only else (float("nan"), achieved)
         # achieved: measured on the held-out continuations (after each prompt), i.e. while decoding
         row = dict(method=name, target=s, generate_achieved=achieved, achieved=ppl_achieved,
-                   dense_tok_s=dense, tok_s=rate, ratio=rate / dense, ppl=ppl, calibrate_s=cal_s,
+                   dense_tok_s=dense, tok_s=rate, ratio=ratio, ppl=ppl, calibrate_s=cal_s,
                    decode=modes[0] if modes[0] in got else "hf")
-        for mode, (d, r, _) in got.items():
-            row[f"{mode}_dense_tok_s"], row[f"{mode}_tok_s"], row[f"{mode}_ratio"] = d, r, r / d
+        for mode, (d, r, _, q) in got.items():
+            row[f"{mode}_dense_tok_s"], row[f"{mode}_tok_s"], row[f"{mode}_ratio"] = d, r, q
         rows.append(row)
-        speeds = "; ".join(f"{m}: {r:6.1f} tok/s = {r / d:.2f}x dense ({d:.1f})" for m, (d, r, _) in got.items())
+        speeds = "; ".join(f"{m}: {r:6.1f} tok/s = {q:.2f}x dense ({d:.1f})" for m, (d, r, _, q) in got.items())
         print(f"{name:>10} {s:.0%}: {speeds}; achieved {ppl_achieved:.1%}; ppl {ppl:.2f} (dense {dense_ppl:.2f}); "
               f"calibrate {cal_s:.0f}s", flush=True)
     out = Path("bench/out")

@@ -128,8 +128,10 @@ def test_greedy_decode_rejects_bad_shapes(llama):
         StaticDecoder(llama, batch=1, max_len=10, cuda_graph=True)
 
 
-def test_compiled_decode_matches_the_uncompiled_loop_in_one_graph(llama):
-    """``compile=True``: same tokens, dense and sparse; the sparse kernel sits inside the graph."""
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_compiled_decode_matches_the_uncompiled_loop_in_one_graph(llama, cpp_wrapper):
+    """``compile=True``: same tokens, dense and sparse; the sparse kernel sits inside the graph
+    (with ``cpp_wrapper``, called from C++ through the operator's C++ implementation)."""
     from torch._dynamo.utils import counters
 
     from actscope.sparsify.decode import greedy_decode
@@ -142,7 +144,7 @@ def test_compiled_decode_matches_the_uncompiled_loop_in_one_graph(llama):
         with torch.inference_mode(), apply(llama, cfg or SparsityConfig("teal", 0.0)) as handle:
             plain = greedy_decode(llama, prompt, 8)
             handle.reset()
-            compiled = greedy_decode(llama, prompt, 8, compile=True)
+            compiled = greedy_decode(llama, prompt, 8, compile=True, cpp_wrapper=cpp_wrapper)
             assert torch.equal(plain, compiled)
             if cfg is not None:  # the compiled steps counted kept inputs too, through the op
                 assert 0.4 < handle.achieved()["overall"] < 0.6

@@ -97,3 +97,54 @@ def test_training_through_grouped_weights_reaches_each_parameter(model):
     q, k, v = _members(model)
     assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in (q, k, v))
     model.zero_grad(set_to_none=True)
+
+
+def test_an_input_edited_in_place_without_a_hook_is_seen(model, monkeypatch):
+    """Under inference_mode there is no version counter: the held outputs are checked against the values."""
+    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
+    x = torch.randn(1, 1, model.config.hidden_size)
+    got = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
+        with torch.inference_mode(), apply(model, config) as handle:
+            q, k, v = _members(model)
+            xi = x.clone()
+            out = [q(xi), q(xi)]  # a member called twice
+            xi.mul_(3.0)
+            out += [k(xi), v(xi), q(xi)]
+            got[fuse] = out, handle.achieved()["per_module"]
+    for a, b in zip(got[True][0], got[False][0]):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(got[True][0][0], got[True][0][4])  # the edit changed q's output
+
+
+def test_bias_edits_inside_apply_reach_the_kernel_and_survive_exit(monkeypatch):
+    qwen = tiny_model("qwen2", intermediate_size=192)
+    config = calibrate(qwen, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
+    x = torch.randn(1, 1, qwen.config.hidden_size)
+    attn = qwen.model.layers[0].self_attn
+    got = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
+        with torch.no_grad(), apply(qwen, config):
+            q = attn.q_proj
+            before = q(x).clone()
+            q.bias.add_(1.0)
+            got[fuse] = q(x)
+            assert torch.allclose(got[fuse], before + 1.0, atol=1e-5)
+            q.bias.sub_(1.0)
+    assert torch.allclose(got[True], got[False], atol=1e-6)
+    b = attn.q_proj.bias
+    assert b.is_contiguous() and not b.is_inference() and b.untyped_storage().nbytes() == b.numel() * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_the_compiled_operator_takes_other_dtypes_through_the_masked_dense_path(dtype):
+    from actscope.sparsify import ops
+    from actscope.sparsify.kernel import reference
+
+    x, wt, bias = torch.randn(2, 16).to(dtype), torch.randn(16, 5).to(dtype), torch.randn(5).to(dtype)
+    thresh, counter = torch.tensor([0.5]), torch.zeros(2, dtype=torch.int64)
+    got = ops.sparse_linear(x, wt, bias, thresh, torch.empty(0), counter)
+    assert got.dtype == dtype and torch.allclose(got, reference(x, wt, bias, thresh), atol=1e-3)
+    assert counter.tolist() == [int((x.abs().float() > 0.5).sum()), 32]

@@ -10,13 +10,14 @@ first member called computes every member's output in one kernel call over that 
 others are handed their columns. On the default model this cuts a step's sparse calls from 210
 to 120 (docs/benchmarks.md, "Activation sparsity").
 
-The hand-over is keyed on the input tensor itself (its identity and, where it has one, its
-version counter), so a member called with any other input computes afresh. Tensors made under
-``inference_mode`` have no version counter; so while any forward hook sits on a member (or a
-global one is registered), which could edit the input in place between two members' calls,
-each member runs the kernel alone on its own columns instead. A group counts the kept inputs once per input, into one
-counter its members share, since they keep the same inputs. Training (grad enabled) and many
-rows use each member's own masked dense product, exactly as an ungrouped ``SparseLinear``.
+The hand-over is keyed on the input tensor (its identity and, where it has one, its version
+counter) and, outside a compiled graph, on its values too: tensors made under ``inference_mode``
+have no version counter, so an in-place edit between two members' calls (a hook's, say) shows
+only in the values, and then the member computes afresh. A compiled graph is traced once, so
+there, while a forward hook sits on a member (or a global one is registered), each member runs
+the kernel alone on its own columns. A group counts the kept inputs once per input tensor,
+into one counter its members share, since they keep the same inputs. Training (grad enabled)
+and many rows use each member's own masked dense product, as an ungrouped ``SparseLinear``.
 """
 
 from __future__ import annotations
@@ -52,62 +53,81 @@ def can_group(members: list["SparseLinear"]) -> bool:
 
 
 class FusedGroup:
-    """One weight block ``[in, sum of outs]`` for several ``SparseLinear``\\ s and the last input's outputs."""
+    """One weight block ``[in, sum of outs]`` (and bias block) for several ``SparseLinear``\\ s,
+    and the outputs of the last input, until every member has taken its own."""
 
     def __init__(self, members: list["SparseLinear"]):
         self.members = members
-        self.spans: dict[int, tuple[int, int]] = {}
+        self.spans: list[tuple[int, int]] = []
         start = 0
-        for m in members:
-            self.spans[id(m)] = (start, start + m.out_features)
+        for i, m in enumerate(members):
+            m.group_index = i  # an int, not id(m): a compiled step guards on its value, not on objects
+            self.spans.append((start, start + m.out_features))
             start += m.out_features
         self.out_features = start
+        self.sizes = [m.out_features for m in members]
         self.wt: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.counter = members[0].counter
-        self.sizes = [m.out_features for m in members]
-        self._x: torch.Tensor | None = None  # the last input, its outputs per member, members still to serve
+        self._x: torch.Tensor | None = None  # the last input, a copy of its values, and its outputs
         self._version = -1
-        self._outs: dict[int, torch.Tensor] | None = None
-        self._left = 0
+        self._values: torch.Tensor | None = None
+        self._outs: list[torch.Tensor] | None = None
+        self._pending = 0  # bit i: member i has not taken its output yet
 
     def to_kernel_layout(self) -> None:
-        """Store the members' weights once, side by side, as ``W^T``; each Parameter becomes a
-        view of its columns. Peak memory: one group's weights more, for the moment of the copy."""
+        """Store the members' weights (and biases) once, side by side; each Parameter becomes a
+        view of its part. Peak memory: one group's weights more, for the moment of the copy."""
         first = self.members[0]
         w0 = first.weight
         with torch.inference_mode(False), torch.no_grad():  # normal tensors, even inside inference_mode
             wt = torch.empty(first.in_features, self.out_features, dtype=w0.dtype, device=w0.device)
-            for m in self.members:
-                a, b = self.spans[id(m)]
+            has_bias = any(m.bias is not None for m in self.members)
+            bias = torch.zeros(self.out_features, dtype=w0.dtype, device=w0.device) if has_bias else None
+            for m, (a, b) in zip(self.members, self.spans):
                 wt[:, a:b].copy_(m.weight.detach().t())
                 m._stride = tuple(m.weight.stride())
                 m.weight.data = wt[:, a:b].t()
+                if m.bias is not None:  # a view too: an edit to the bias reaches the kernel
+                    bias[a:b].copy_(m.bias.detach())
+                    m.bias.data = bias[a:b]
                 m._wt, m.group, m.counter = None, self, self.counter
-            if any(m.bias is not None for m in self.members):
-                parts = [m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=w0.dtype)
-                         for m in self.members]
-                self.bias = torch.cat(parts).to(w0.device)
-        self.wt = wt
+        self.wt, self.bias = wt, bias
 
     def restore_layout(self) -> None:
-        """Give every member its own weight again, with its original strides (bit-identical values)."""
+        """Give every member its own weight and bias again, with the original strides (bit-identical)."""
         for m in self.members:
             m.restore_layout()
+            if m.bias is not None:
+                with torch.inference_mode(False), torch.no_grad():
+                    m.bias.data = m.bias.detach().clone()
             m.group = None
-        self.wt = self.bias = self._x = self._outs = None
+        self.wt = self.bias = self._x = self._values = self._outs = None
 
     def forward(self, member: "SparseLinear", x: torch.Tensor, max_rows: int) -> torch.Tensor:
         """``member``'s output for ``x``: its columns of the group's one call when decoding
         (up to ``max_rows`` rows, no grad)."""
-        version = 0 if torch.compiler.is_compiling() or x.is_inference() else x._version
+        compiling = torch.compiler.is_compiling()
+        version = 0 if compiling or x.is_inference() else x._version
         seen = self._x is x and self._version == version
         if not seen:
-            self._x, self._version, self._outs, self._left = x, version, None, len(self.members)
-        self._left -= 1
-        y = self._outs[id(member)] if self._outs is not None else self._compute(member, x, seen, max_rows)
-        if self._left <= 0:  # every member served: hold no tensors between steps
-            self._x = self._outs = None
+            self._x, self._version, self._values, self._outs = x, version, None, None
+            self._pending = (1 << len(self.members)) - 1
+        i = member.group_index
+        outs = self._outs
+        # Outside a compiled graph the held outputs are handed over only if the input still holds
+        # the values they were computed from: tensors made under inference_mode have no version
+        # counter, so an in-place edit between two members' calls shows only in the values.
+        # A member that already took its output for this input starts a new round: it may be
+        # called again after an edit to the weights, which the held outputs would not show.
+        fresh = outs is not None and (self._pending >> i) & 1 and not torch.is_grad_enabled()
+        if fresh and (compiling or torch.equal(x, self._values)):
+            y = outs[i]
+        else:
+            y = self._compute(member, x, seen, max_rows)
+        self._pending &= ~(1 << i)
+        if not self._pending:  # every member served: hold no tensors between steps
+            self._x = self._values = self._outs = None
         return y
 
     def _compute(self, member: "SparseLinear", x: torch.Tensor, seen: bool, max_rows: int) -> torch.Tensor:
@@ -116,14 +136,18 @@ class FusedGroup:
         x2 = x.reshape(-1, member.in_features)
         rows, lead = x2.shape[0], x.shape[:-1]
         if rows <= max_rows and not torch.is_grad_enabled() and x2.dtype == self.wt.dtype:
-            if not _hooked(self.members):  # one call for the whole group; members get their columns
+            compiling = torch.compiler.is_compiling()
+            if not (compiling and _hooked(self.members)):  # one call for the whole group
                 y = self._run(member, x2, self.wt, self.bias, count)
                 parts = y.split(self.sizes, dim=1)
-                self._outs = {id(m): (p if rows == 1 else p.contiguous()).view(*lead, m.out_features)
-                              for m, p in zip(self.members, parts)}
-                return self._outs[id(member)]
-            # a hook could edit the input in place between members: each runs alone on its columns
-            a, b = self.spans[id(member)]
+                self._outs = [(p if rows == 1 else p.contiguous()).view(*lead, m.out_features)
+                              for m, p in zip(self.members, parts)]
+                self._pending = (1 << len(self.members)) - 1
+                if not compiling:
+                    self._values = x.clone()
+                return self._outs[member.group_index]
+            # traced with a hook that could edit the input in place: each member runs alone
+            a, b = self.spans[member.group_index]
             y = self._run(member, x2, self.wt[:, a:b], None if self.bias is None else self.bias[a:b], count)
         else:  # prefill, evaluation, training: the member's own masked dense product
             keep = kernel.mask(x2, member.thresh, member.scale, count)

@@ -76,6 +76,7 @@ class SparseLinear(nn.Module):
         w = linear.weight
         self._max_rows = KERNEL_MAX_ROWS
         self.group: Any = None  # a group.FusedGroup once apply() stores this weight beside its group's
+        self.group_index = 0
         if dev.type == "cuda" and w.numel() * w.element_size() >= GPU_KERNEL_MIN_BYTES:
             self._max_rows = 1
         if dev.type == "cpu" and linear.weight.dtype in (torch.float32, torch.bfloat16):
@@ -119,7 +120,7 @@ class SparseLinear(nn.Module):
         w = self.weight.detach()
         if self.weight_in_out:
             return w if w.is_contiguous() else w.contiguous()
-        if w.t().is_contiguous():
+        if w.t().is_contiguous() or self.group is not None:  # grouped: its columns of the group's block
             return w.t()
         if self._wt is None or self._wt.dtype != w.dtype or self._wt.shape != w.t().shape:
             self._wt = w.t().contiguous()

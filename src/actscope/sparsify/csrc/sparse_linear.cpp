@@ -579,9 +579,21 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<tor
 // The CPU implementation of the operator `actscope::sparse_linear` (defined in sparsify/ops.py,
 // which torch.compile keeps inside a compiled decoding step): registered from here, so each call
 // goes from the compiled graph straight to the kernel, with no Python in between.
+// Other dtypes (float16, float64) get the masked dense computation, as kernel.reference does.
 at::Tensor sparse_linear_op(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
                             const at::Tensor& thresh, const at::Tensor& scale, at::Tensor& counter) {
-  return sparse_linear(x, wt, bias, thresh, scale, counter);
+  if (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16)
+    return sparse_linear(x, wt, bias, thresh, scale, counter);
+  auto a = x.abs().to(torch::kFloat32);
+  if (scale.numel()) a = a * scale;
+  const auto keep = a > thresh;
+  if (counter.defined() && counter.numel() == 2) {
+    counter[0] += keep.sum();
+    counter[1] += keep.numel();
+  }
+  auto y = at::matmul((x * keep).to(torch::kFloat32), wt.to(torch::kFloat32));
+  if (bias.has_value() && bias->defined()) y = y + bias->to(torch::kFloat32);
+  return y.to(x.scalar_type());
 }
 
 void register_op() {
