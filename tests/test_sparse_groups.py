@@ -56,37 +56,53 @@ def _members(model):
     return attn.q_proj, attn.k_proj, attn.v_proj
 
 
-def test_members_called_alone_or_with_other_inputs(model, monkeypatch):
+def _fused_and_alone(model, monkeypatch, calls) -> list[torch.Tensor]:
+    """``calls(q, k, v)``'s outputs with grouping, checked equal to one call per linear."""
     config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
-    h = model.config.hidden_size
-    x1, x2 = torch.randn(1, 1, h), torch.randn(1, 1, h)
     got = {}
     for fuse in (True, False):
         monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
+        torch.manual_seed(1)
         with torch.inference_mode(), apply(model, config):
-            q, k, v = _members(model)
-            got[fuse] = [v(x1), q(x2), k(x2), k(x1), q(x1), v(x2)]  # any order, interleaved inputs
-    for a, b in zip(got[True], got[False]):
+            got[fuse] = calls(*_members(model))
+    for a, b in zip(got[True], got[False], strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+    return got[True]
+
+
+def test_members_called_alone_or_with_other_inputs(model, monkeypatch):
+    h = model.config.hidden_size
+    x1, x2 = torch.randn(1, 1, h), torch.randn(1, 1, h)
+    _fused_and_alone(model, monkeypatch,  # any order, interleaved inputs
+                     lambda q, k, v: [v(x1), q(x2), k(x2), k(x1), q(x1), v(x2)])
 
 
 def test_a_hook_editing_the_input_in_place_is_honoured(model, monkeypatch):
     """A pre-hook on k_proj doubles its input in place (an inference tensor: no version counter)."""
-    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
     x = torch.randn(1, 1, model.config.hidden_size)
-    got = {}
-    for fuse in (True, False):
-        monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
-        with torch.inference_mode(), apply(model, config):
-            q, k, v = _members(model)
-            handle = k.register_forward_pre_hook(lambda m, args: args[0].mul_(2.0))
-            xi = x.clone()
-            got[fuse] = [q(xi), k(xi), v(xi)]
-            handle.remove()
-    for a, b in zip(got[True], got[False]):
-        assert torch.allclose(a, b, atol=1e-6)
-    q_out, k_out, v_out = got[True]
-    assert not torch.allclose(k_out, torch.zeros_like(k_out))
+
+    def calls(q, k, v):
+        handle = k.register_forward_pre_hook(lambda m, args: args[0].mul_(2.0))
+        xi = x.clone()
+        out = [q(xi), k(xi), v(xi)]
+        handle.remove()
+        return out
+
+    _fused_and_alone(model, monkeypatch, calls)
+
+
+def test_an_input_edited_in_place_without_a_hook_is_seen(model, monkeypatch):
+    """Under inference_mode there is no version counter: the held outputs are checked against the values."""
+    x = torch.randn(1, 1, model.config.hidden_size)
+
+    def calls(q, k, v):
+        xi = x.clone()
+        out = [q(xi), q(xi)]  # a member called twice
+        xi.mul_(3.0)
+        return out + [k(xi), v(xi), q(xi)]
+
+    out = _fused_and_alone(model, monkeypatch, calls)
+    assert not torch.allclose(out[0], out[4])  # the edit changed q's output
 
 
 def test_training_through_grouped_weights_reaches_each_parameter(model):
@@ -97,25 +113,6 @@ def test_training_through_grouped_weights_reaches_each_parameter(model):
     q, k, v = _members(model)
     assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in (q, k, v))
     model.zero_grad(set_to_none=True)
-
-
-def test_an_input_edited_in_place_without_a_hook_is_seen(model, monkeypatch):
-    """Under inference_mode there is no version counter: the held outputs are checked against the values."""
-    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
-    x = torch.randn(1, 1, model.config.hidden_size)
-    got = {}
-    for fuse in (True, False):
-        monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
-        with torch.inference_mode(), apply(model, config) as handle:
-            q, k, v = _members(model)
-            xi = x.clone()
-            out = [q(xi), q(xi)]  # a member called twice
-            xi.mul_(3.0)
-            out += [k(xi), v(xi), q(xi)]
-            got[fuse] = out, handle.achieved()["per_module"]
-    for a, b in zip(got[True][0], got[False][0]):
-        assert torch.allclose(a, b, atol=1e-6)
-    assert not torch.allclose(got[True][0][0], got[True][0][4])  # the edit changed q's output
 
 
 def test_bias_edits_inside_apply_reach_the_kernel_and_survive_exit(monkeypatch):
