@@ -13,9 +13,10 @@ between the linears (norms, rotary embeddings, residual adds). A sparsified line
 operator inside that graph (``sparsify/ops.py``), so the step has no graph break. It decoded
 the same tokens as the uncompiled loop on the test model and on SmolLM2, but fused kernels may
 round differently, so exact equality is not promised. ``cpp_wrapper=True`` also has Inductor
-write the code that calls a step's kernels in C++ instead of Python: on CPU that made decoding
-the default model about 17% faster, dense and sparse alike, for a first compile of about two
-minutes per configuration instead of about ten seconds (Inductor caches it on disk). Compiling is paid once per decoder (less
+write the code that calls a step's kernels in C++ instead of Python: on CPU that made dense
+decoding of the default model 3-6% faster and sparse decoding no faster (its kernels are already
+called from C++), for a first compile of about two minutes per configuration instead of about
+ten seconds (Inductor caches it on disk). Compiling is paid once per decoder (less
 once Inductor's cache is warm); on CPU the compiled step is faster, dense and sparse alike, so
 the sparse gain holds on top of it (docs/benchmarks.md, "Activation sparsity", compiled
 decoding). On a GPU, where those small operations are most of a step once the linears are

@@ -18,6 +18,8 @@ there, while a forward hook sits on a member (or a global one is registered), ea
 the kernel alone on its own columns. A group counts the kept inputs once per input tensor,
 into one counter its members share, since they keep the same inputs. Training (grad enabled)
 and many rows use each member's own masked dense product, as an ungrouped ``SparseLinear``.
+The held outputs are the group's, not a thread's: one model inside ``apply`` must not run
+forward passes from several threads at once.
 """
 
 from __future__ import annotations
