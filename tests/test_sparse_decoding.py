@@ -126,6 +126,8 @@ def test_greedy_decode_rejects_bad_shapes(llama):
         dec.generate(torch.zeros(2, 3, dtype=torch.long), 2)
     with pytest.raises(SparsifyError, match="needs the model on a CUDA device"):
         StaticDecoder(llama, batch=1, max_len=10, cuda_graph=True)
+    with pytest.raises(SparsifyError, match="cpp_wrapper=True is an option of compile=True"):
+        StaticDecoder(llama, batch=1, max_len=10, cpp_wrapper=True)
 
 
 @pytest.mark.parametrize("cpp_wrapper", [False, True])

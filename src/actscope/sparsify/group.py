@@ -126,21 +126,21 @@ class FusedGroup:
         if fresh and (compiling or torch.equal(x, self._values)):
             y = outs[i]
         else:
-            y = self._compute(member, x, seen, max_rows)
+            y = self._compute(member, x, seen, max_rows, compiling)
         self._pending &= ~(1 << i)
         if not self._pending:  # every member served: hold no tensors between steps
             self._x = self._values = self._outs = None
         return y
 
-    def _compute(self, member: "SparseLinear", x: torch.Tensor, seen: bool, max_rows: int) -> torch.Tensor:
+    def _compute(self, member: "SparseLinear", x: torch.Tensor, seen: bool, max_rows: int,
+                 compiling: bool) -> torch.Tensor:
         assert self.wt is not None
         count = _NO_COUNT if seen else self.counter  # the members keep the same inputs: count once
         x2 = x.reshape(-1, member.in_features)
         rows, lead = x2.shape[0], x.shape[:-1]
         if rows <= max_rows and not torch.is_grad_enabled() and x2.dtype == self.wt.dtype:
-            compiling = torch.compiler.is_compiling()
             if not (compiling and _hooked(self.members)):  # one call for the whole group
-                y = self._run(member, x2, self.wt, self.bias, count)
+                y = self._run(member, x2, self.wt, self.bias, count, compiling)
                 parts = y.split(self.sizes, dim=1)
                 self._outs = [(p if rows == 1 else p.contiguous()).view(*lead, m.out_features)
                               for m, p in zip(self.members, parts)]
@@ -150,7 +150,8 @@ class FusedGroup:
                 return self._outs[member.group_index]
             # traced with a hook that could edit the input in place: each member runs alone
             a, b = self.spans[member.group_index]
-            y = self._run(member, x2, self.wt[:, a:b], None if self.bias is None else self.bias[a:b], count)
+            bias = None if self.bias is None else self.bias[a:b]
+            y = self._run(member, x2, self.wt[:, a:b], bias, count, compiling)
         else:  # prefill, evaluation, training: the member's own masked dense product
             keep = kernel.mask(x2, member.thresh, member.scale, count)
             y = F.linear(x2 * keep, member.weight, member.bias)
@@ -158,8 +159,8 @@ class FusedGroup:
 
     @staticmethod
     def _run(member: "SparseLinear", x2: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None,
-             counter: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # one opaque op inside the compiled graph
+             counter: torch.Tensor, compiling: bool) -> torch.Tensor:
+        if compiling:  # one opaque op inside the compiled graph
             from . import ops
 
             return ops.sparse_linear(x2, wt, bias, member.thresh, member._scale, counter)
