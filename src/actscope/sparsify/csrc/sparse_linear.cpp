@@ -532,13 +532,6 @@ Pool& pool() {
 
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-struct Scratch {  // one call's working buffers (see run)
-  std::vector<int64_t> active;
-  std::vector<float> xt, xs, partial;
-  std::vector<const T*> wrows;
-};
-
-template <typename T>
 torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::optional<torch::Tensor>& bias,
                   const torch::Tensor& thresh, const torch::Tensor& scale, const torch::Tensor& counter) {
   const int64_t rows = x.size(0), in = x.size(1), out = wt.size(1), ld = wt.stride(0);
@@ -548,14 +541,10 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
   const bool per_channel = thresh.numel() == in;
   const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
 
-  // 1. which channels are kept, per row and in the union over rows. The scratch buffers are the
-  //    calling thread's, reused across calls: a decoding step makes over a hundred calls, and a
-  //    fresh allocation each was a measurable share of a small layer's call.
-  thread_local Scratch<T> sc;
-  std::vector<int64_t>& active = sc.active;
-  active.clear();
-  std::vector<float>& xt = sc.xt;
-  xt.resize(rows * in);
+  // 1. which channels are kept, per row and in the union over rows
+  std::vector<int64_t> active;
+  active.reserve(in);
+  std::vector<float> xt(rows * in);
   int64_t kept = 0;
   for (int64_t i = 0; i < in; ++i) {
     const float t = per_channel ? tp[i] : tp[0];
@@ -571,10 +560,8 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
     if (any) active.push_back(i);
   }
   const int64_t na = static_cast<int64_t>(active.size());
-  std::vector<float>& xs = sc.xs;  // [rows, n_active], zero where that row does not keep the channel
-  xs.resize(rows * na);
-  std::vector<const T*>& wrows = sc.wrows;
-  wrows.resize(na);
+  std::vector<float> xs(rows * na);  // [rows, n_active], zero where that row does not keep the channel
+  std::vector<const T*> wrows(na);
   for (int64_t j = 0; j < na; ++j) {
     wrows[j] = wp + active[j] * ld;
     for (int64_t r = 0; r < rows; ++r) xs[r * na + j] = xt[r * in + active[j]];
@@ -592,8 +579,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
   const int64_t chunk = std::max<int64_t>(8, ((131072 / std::max<int64_t>(1, row_bytes)) + 7) / 8 * 8);
   const int64_t nchunks = (na + chunk - 1) / chunk;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks)));
-  std::vector<float>& partial = sc.partial;
-  partial.assign(static_cast<size_t>(nthreads) * rows * out, 0.0f);
+  std::vector<float> partial(static_cast<size_t>(nthreads) * rows * out, 0.0f);
   const BlockFn<T> fn = block_fn<T>();
   pool().run(nthreads - 1, nchunks, [&](int slot, int64_t c) {
     const int64_t k0 = c * chunk, k1 = std::min(na, k0 + chunk);
