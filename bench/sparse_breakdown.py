@@ -8,7 +8,7 @@ corpus. Dense and sparse runs alternate. Inside each run every one-row call of a
 model's (the unembedding stays dense). What is left of a step is everything else: norms,
 attention, rotary embeddings, HF's Python, and on the sparse side the Python around the kernel
 calls. The prompt's forward pass is left out of the timed pieces but not of the step, as in a
-user's ``generate``. GB/s: weight bytes read per step (at the achieved sparsity) over their time.
+user's ``generate``: "everything else" includes the prompt's share. GB/s: weight bytes read per step (at the achieved sparsity) over their time.
 It answers what the sparse / dense ratio of ``bench/sparsify.py`` is made of, which the
 isolated ``bench/sparse_step.py`` cannot: a model's changing kept rows, its unembedding and the
 work between calls share the caches with the weights.
@@ -110,7 +110,7 @@ def main() -> None:
         for _ in range(args.repeats):
             with TimedLinear() as lin:
                 step = generate()
-            per = lin.seconds / (lin.calls / 211) * 1e3  # 210 linears and the unembedding a step
+            per = lin.seconds / lin.calls * 211 * 1e3  # a step: 210 linears and the unembedding
             rows["dense"].append(dict(step=step, linears=per, rest=step - per))
             with apply(model, config) as handle:
                 kernels = {}
@@ -125,9 +125,9 @@ def main() -> None:
                 with TimedLinear() as lin:
                     step = generate()
                 calls = sum(k.calls for k in kernels.values())
-                steps = lin.calls  # the unembedding: one dense call a step
+                steps = n - 1  # one-row steps; the first new token comes from the prompt's pass
                 kern_ms = sum(k.seconds for k in kernels.values()) / steps * 1e3
-                head_ms = lin.seconds / steps * 1e3
+                head_ms = lin.seconds / lin.calls * 1e3  # the unembedding: one one-row call a step
                 sparse_mib, head_mib = weight_bytes(model, handle)
                 rows["sparse"].append(dict(step=step, kernel=kern_ms, head=head_ms, rest=step - kern_ms - head_ms,
                                            calls=calls / steps, achieved=handle.achieved()["overall"],
