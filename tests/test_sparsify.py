@@ -84,12 +84,12 @@ def isa(request):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
 @pytest.mark.parametrize("d_out", [75, 64, 300])
 def test_every_isa_path_equals_masked_dense(isa, dtype, rows, d_out):
     """Forced scalar / AVX2 / AVX-512 paths against the masked dense computation: 16- and 8-wide
     bodies with their tails (75, 300), kept-row counts that are not a multiple of the 8-row group,
-    and prefetching further ahead."""
+    every size of AVX-512's tile of 1-4 input rows (rows 2, 3, 5, 16), and prefetching further ahead."""
     kern = cpu_kernel()
     assert kern.isa() == isa
     g = torch.Generator().manual_seed(rows * 1000 + d_out)
@@ -178,6 +178,33 @@ def test_rows_kernel_equals_selected_rows(dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert torch.allclose(got.float(), want, rtol=tol, atol=tol * 10)
     assert torch.count_nonzero(got) == 15
+
+
+@pytest.mark.parametrize("dtype, rows, kernel_calls", [(torch.float32, 12, 1), (torch.bfloat16, 8, 1),
+                                                      (torch.bfloat16, 12, 0)])
+def test_bfloat16_takes_the_dense_product_above_eight_rows(dtype, rows, kernel_calls):
+    """On CPU the kernel serves up to 16 rows in float32 but only 8 in bfloat16, where torch's
+    dense product is faster beyond (swap.KERNEL_MAX_ROWS_BF16); both paths give the same outputs."""
+    lin = torch.nn.Linear(64, 48).to(dtype)
+    sparse = SparseLinear(lin, torch.tensor([0.5]))
+    sparse.to_kernel_layout()  # as apply() does: the kernel is bound to the module
+    calls = []
+
+    class Recorder:
+        def sparse_linear(self, *args):
+            calls.append(args[0].shape[0])
+            return sparse_kernel.sparse_linear(*args)
+
+    sparse_kernel = sparse._cpu
+    sparse._cpu = Recorder()
+    x = torch.randn(rows, 64).to(dtype)
+    with torch.no_grad():
+        got = sparse(x)
+    assert len(calls) == kernel_calls
+    want = reference(x, lin.weight.detach().t(), lin.bias.detach(), torch.tensor([0.5]))
+    sparse.restore_layout()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("method", METHODS)

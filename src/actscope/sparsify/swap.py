@@ -33,6 +33,10 @@ from .group import FusedGroup, group_members
 from .layout import layer_modules
 
 KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kernel beats a dense matmul
+# ... in float32. In bfloat16 torch's dense product (oneDNN) overtakes the kernel sooner: on a
+# Xeon with AMX, 16 rows took the kernel 1.3-1.4x the masked dense time, 8 rows 0.8x
+# (docs/benchmarks.md, "Several rows").
+KERNEL_MAX_ROWS_BF16 = 8
 # On a GPU, one row always takes the Triton kernel: on small weights its one launch beats the
 # masked dense path (five small kernels around cuBLAS), and on large MLP weights at useful
 # sparsity it beats cuBLAS itself. For 2-16 rows the union of kept inputs is nearly everything
@@ -79,6 +83,8 @@ class SparseLinear(nn.Module):
         self.group_index = 0
         if dev.type == "cuda" and w.numel() * w.element_size() >= GPU_KERNEL_MIN_BYTES:
             self._max_rows = 1
+        if dev.type == "cpu" and linear.weight.dtype == torch.bfloat16:
+            self._max_rows = KERNEL_MAX_ROWS_BF16
         if dev.type == "cpu" and linear.weight.dtype in (torch.float32, torch.bfloat16):
             self._cpu = kernel.cpu_kernel()
             if self._cpu is not None:
@@ -128,7 +134,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
-            return self.group.forward(self, x, KERNEL_MAX_ROWS)
+            return self.group.forward(self, x, min(self._max_rows, KERNEL_MAX_ROWS))
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= min(self._max_rows, KERNEL_MAX_ROWS) and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():  # one opaque op, so the compiled step has no graph break
