@@ -72,6 +72,8 @@ bench: install
 	$(PY) bench/steer.py
 	$(PY) bench/interventions.py
 	$(PY) bench/sparse_kernel.py
+	$(PY) bench/sparse_step.py
+	$(PY) bench/sparse_breakdown.py
 	$(PY) bench/spine.py
 	$(PY) bench/sparsify.py
 	$(PY) bench/sparsify.py --dtype bfloat16 --speed-only --methods teal,wina,cats,coreinfer

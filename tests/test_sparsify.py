@@ -180,31 +180,47 @@ def test_rows_kernel_equals_selected_rows(dtype):
     assert torch.count_nonzero(got) == 15
 
 
-@pytest.mark.parametrize("dtype, rows, kernel_calls", [(torch.float32, 12, 1), (torch.bfloat16, 8, 1),
-                                                      (torch.bfloat16, 12, 0)])
-def test_bfloat16_takes_the_dense_product_above_eight_rows(dtype, rows, kernel_calls):
-    """On CPU the kernel serves up to 16 rows in float32 but only 8 in bfloat16, where torch's
-    dense product is faster beyond (swap.KERNEL_MAX_ROWS_BF16); both paths give the same outputs."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [8, 9, 12, 16, 17])
+def test_rows_per_kernel_call_follow_the_dtype_limit(dtype, rows):
+    """On CPU the kernel serves up to 16 rows, but bfloat16 on a CPU with AMX only up to 8, where
+    torch's dense product is faster beyond (swap.KERNEL_MAX_ROWS_BF16); both paths give the same
+    outputs. Checked for a lone linear and for a group (q/k/v) inside ``apply``."""
+    limit = apply_mod._BF16_ROWS_ON_THIS_CPU if dtype == torch.bfloat16 else apply_mod.KERNEL_MAX_ROWS
+    assert apply_mod._BF16_ROWS_ON_THIS_CPU == (8 if apply_mod._has_amx() else 16)
     lin = torch.nn.Linear(64, 48).to(dtype)
     sparse = SparseLinear(lin, torch.tensor([0.5]))
     sparse.to_kernel_layout()  # as apply() does: the kernel is bound to the module
     calls = []
 
     class Recorder:
+        def __init__(self, kern):
+            self.kern = kern
+
         def sparse_linear(self, *args):
             calls.append(args[0].shape[0])
-            return sparse_kernel.sparse_linear(*args)
+            return self.kern.sparse_linear(*args)
 
-    sparse_kernel = sparse._cpu
-    sparse._cpu = Recorder()
+    sparse._cpu = Recorder(sparse._cpu)
     x = torch.randn(rows, 64).to(dtype)
     with torch.no_grad():
         got = sparse(x)
-    assert len(calls) == kernel_calls
+    assert calls == ([rows] if rows <= limit else [])
     want = reference(x, lin.weight.detach().t(), lin.bias.detach(), torch.tensor([0.5]))
     sparse.restore_layout()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+
+    model = tiny_model("llama", intermediate_size=192).to(dtype)
+    config = calibrate(model.float(), method="teal", sparsity=0.5, tokens=_tokens(4), progress=False)
+    model.to(dtype)
+    calls.clear()
+    with torch.inference_mode(), apply(model, config) as handle:
+        q = handle.modules["model.layers.0.self_attn.q_proj"]
+        assert q.group is not None
+        q._cpu = Recorder(q._cpu)
+        model(torch.randint(3, VOCAB, (1, rows)))
+    assert calls == ([rows] if rows <= limit else [])  # the group's one call, made by q_proj
 
 
 @pytest.mark.parametrize("method", METHODS)

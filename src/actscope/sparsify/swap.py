@@ -33,10 +33,21 @@ from .group import FusedGroup, group_members
 from .layout import layer_modules
 
 KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kernel beats a dense matmul
-# ... in float32. In bfloat16 torch's dense product (oneDNN) overtakes the kernel sooner: on a
-# Xeon with AMX, 16 rows took the kernel 1.3-1.4x the masked dense time, 8 rows 0.8x
-# (docs/benchmarks.md, "Several rows").
+# ... except bfloat16 on a CPU with AMX, where torch's dense product (oneDNN on AMX tiles)
+# overtakes the kernel sooner: 16 rows took the kernel 1.3-1.4x the masked dense time, 8 rows
+# 0.8x (docs/benchmarks.md, "Several rows"). Without AMX that product is slow, so the float32
+# limit stands (unmeasured there, so unchanged).
 KERNEL_MAX_ROWS_BF16 = 8
+
+
+def _has_amx() -> bool:
+    try:
+        return bool(torch.cpu.get_capabilities().get("amx_tile", False))
+    except Exception:  # an older or newer torch without this query: assume none
+        return False
+
+
+_BF16_ROWS_ON_THIS_CPU = KERNEL_MAX_ROWS_BF16 if _has_amx() else KERNEL_MAX_ROWS
 # On a GPU, one row always takes the Triton kernel: on small weights its one launch beats the
 # masked dense path (five small kernels around cuBLAS), and on large MLP weights at useful
 # sparsity it beats cuBLAS itself. For 2-16 rows the union of kept inputs is nearly everything
@@ -83,8 +94,8 @@ class SparseLinear(nn.Module):
         self.group_index = 0
         if dev.type == "cuda" and w.numel() * w.element_size() >= GPU_KERNEL_MIN_BYTES:
             self._max_rows = 1
-        if dev.type == "cpu" and linear.weight.dtype == torch.bfloat16:
-            self._max_rows = KERNEL_MAX_ROWS_BF16
+        if dev.type == "cpu" and linear.weight.dtype == torch.bfloat16:  # fixed here, as the kernel's layout is
+            self._max_rows = _BF16_ROWS_ON_THIS_CPU
         if dev.type == "cpu" and linear.weight.dtype in (torch.float32, torch.bfloat16):
             self._cpu = kernel.cpu_kernel()
             if self._cpu is not None:
