@@ -56,14 +56,14 @@ def _members(model):
     return attn.q_proj, attn.k_proj, attn.v_proj
 
 
-def _fused_and_alone(model, monkeypatch, calls) -> list[torch.Tensor]:
+def _fused_and_alone(model, monkeypatch, calls, mode=torch.inference_mode) -> list[torch.Tensor]:
     """``calls(q, k, v)``'s outputs with grouping, checked equal to one call per linear."""
     config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
     got = {}
     for fuse in (True, False):
         monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
         torch.manual_seed(1)
-        with torch.inference_mode(), apply(model, config):
+        with mode(), apply(model, config):
             got[fuse] = calls(*_members(model))
     for a, b in zip(got[True], got[False], strict=True):
         assert torch.allclose(a, b, atol=1e-6)
@@ -103,6 +103,23 @@ def test_an_input_edited_in_place_without_a_hook_is_seen(model, monkeypatch):
 
     out = _fused_and_alone(model, monkeypatch, calls)
     assert not torch.allclose(out[0], out[4])  # the edit changed q's output
+
+
+def test_outside_inference_mode_the_version_counter_tells_an_edit(model, monkeypatch):
+    """Under no_grad (HF generate's default) a tensor has a version counter: an in-place edit
+    shows there, so no copy of the input's values is kept or compared."""
+    x = torch.randn(1, 1, model.config.hidden_size)
+    held = []
+
+    def calls(q, k, v):
+        xi = x.clone()
+        out = [q(xi)]
+        held.append(q.group is None or q.group._values is None)
+        xi.mul_(3.0)
+        return out + [k(xi), v(xi), q(xi)]
+
+    out = _fused_and_alone(model, monkeypatch, calls, mode=torch.no_grad)
+    assert all(held) and not torch.allclose(out[0], out[3])
 
 
 def test_training_through_grouped_weights_reaches_each_parameter(model):

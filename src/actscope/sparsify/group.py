@@ -117,13 +117,13 @@ class FusedGroup:
             self._pending = (1 << len(self.members)) - 1
         i = member.group_index
         outs = self._outs
-        # Outside a compiled graph the held outputs are handed over only if the input still holds
-        # the values they were computed from: tensors made under inference_mode have no version
-        # counter, so an in-place edit between two members' calls shows only in the values.
+        # The held outputs are handed over only if the input is unchanged: a normal tensor's
+        # version counter says so; tensors made under inference_mode have none, so for them
+        # (outside a compiled graph) the values are compared with a copy kept at the call.
         # A member that already took its output for this input starts a new round: it may be
         # called again after an edit to the weights, which the held outputs would not show.
         fresh = outs is not None and (self._pending >> i) & 1 and not torch.is_grad_enabled()
-        if fresh and (compiling or torch.equal(x, self._values)):
+        if fresh and (compiling or self._values is None or torch.equal(x, self._values)):
             y = outs[i]
         else:
             y = self._compute(member, x, seen, max_rows, compiling)
@@ -144,7 +144,7 @@ class FusedGroup:
                 parts = y.view(*lead, self.out_features).split_with_sizes(self.sizes, -1)  # views (Tensor.split costs 3x)
                 self._outs = list(parts) if rows == 1 else [p.contiguous() for p in parts]
                 self._pending = (1 << len(self.members)) - 1
-                if not compiling:
+                if not compiling and x.is_inference():  # no version counter: keep the values to compare
                     self._values = x.clone()
                 return self._outs[member.group_index]
             # traced with a hook that could edit the input in place: each member runs alone
