@@ -176,8 +176,8 @@ class QuantileSketch:
         """The ``q``-quantile of each channel (float64, ``[channels]``; 0 where below min_value)."""
         if self.n == 0:
             return torch.full((self.channels,), float("nan"), dtype=F64)
-        rank = torch.tensor([[q * (self.n - 1)]], dtype=F64)
-        i = torch.searchsorted(self.counts.cumsum(1).to(F64), rank.expand(self.channels, 1), right=True)[:, 0]
+        rank = torch.full((self.channels, 1), q * (self.n - 1), dtype=F64)
+        i = torch.searchsorted(self.counts.cumsum(1).to(F64), rank, right=True)[:, 0]
         k = (i + self.offset).to(F64)  # bucket covers (gamma^(k-1), gamma^k]: its midpoint estimate
         return torch.where(i == 0, 0.0, 2 * self.gamma**k / (self.gamma + 1))
 
