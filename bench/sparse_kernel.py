@@ -7,6 +7,8 @@ default 1536 MiB, far above the L3 cache) that weights stream from memory as the
 decoding a model larger than the caches. For each shape, dtype, batch rows and input sparsity:
 
 - dense us: ``F.linear(x, W)`` (PyTorch's own GEMV/GEMM, oneDNN or MKL), and its GB/s;
+- masked us: ``(x * keep) @ W^T``, what a sparsified model computes above the kernel's row limit
+  (``swap.KERNEL_MAX_ROWS``): inside ``apply`` the weight is stored once, as ``W^T``;
 - sparse us per instruction-set path of the kernel (forced with ``set_isa``), and its GB/s: the
   bytes of the weight rows it must read (the union of kept inputs over the batch rows) / time;
 - stream GB/s: ``stream_read`` of the same number of bytes, contiguous, by the same 2 threads and
@@ -78,8 +80,8 @@ def main() -> None:
     print(f"CPU: {cpu_name()}; kernel paths {kern.supported_isas()}, default {kern.isa()}; "
           f"threads {torch.get_num_threads()}; torch {torch.__version__}")
     results = []
-    head = "| dtype | shape (in -> out) | rows | sparsity | union kept | dense us (GB/s) | " + " | ".join(
-        f"{i} us (GB/s, / stream)" for i in isas) + " | dense / sparse |"
+    head = "| dtype | shape (in -> out) | rows | sparsity | union kept | dense us (GB/s) | masked us | " + " | ".join(
+        f"{i} us (GB/s, / stream)" for i in isas) + " | dense / sparse | masked / sparse |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     g = torch.Generator().manual_seed(0)
     for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
@@ -107,14 +109,20 @@ def main() -> None:
                             for i in range(n):
                                 kern.sparse_linear(x, pool_t[i], None, t, empty, counter)
 
+                        def masked():
+                            for i in range(n):
+                                (x * (x.abs() > t)) @ pool_t[i]
+
                         def stream():
                             for i in range(n):
                                 kern.stream_read(stream_buf[i])
 
                         dense()
-                        times = {"dense": [], **{i: [] for i in isas}, **{f"stream-{i}": [] for i in isas}}
+                        times = {"dense": [], "masked": [], **{i: [] for i in isas},
+                                 **{f"stream-{i}": [] for i in isas}}
                         for _ in range(5):  # rounds alternate, so load changes hit every column alike
                             times["dense"] += timed(dense, 1)
+                            times["masked"] += timed(masked, 1)
                             for i in isas:
                                 kern.set_isa(i)
                                 sparse()
@@ -125,19 +133,20 @@ def main() -> None:
                         dense_gbs = d_in * d_out * size / med["dense"] / 1e9
                         row = dict(dtype=str(dtype).split(".")[1], shape=shape, layer=label, d_in=d_in, d_out=d_out,
                                    rows=rows, sparsity=s, union_kept=union, dense_us=med["dense"] * 1e6,
-                                   dense_gbs=dense_gbs, paths={})
+                                   masked_us=med["masked"] * 1e6, dense_gbs=dense_gbs, paths={})
                         cells = []
                         for i in isas:
                             gbs = kept_bytes / med[i] / 1e9
                             stream_gbs = kept_bytes / med[f"stream-{i}"] / 1e9
                             row["paths"][i] = dict(us=med[i] * 1e6, gbs=gbs, stream_gbs=stream_gbs,
-                                                   ratio=med["dense"] / med[i])
+                                                   ratio=med["dense"] / med[i], masked_ratio=med["masked"] / med[i])
                             cells.append(f"{med[i] * 1e6:.0f} ({gbs:.1f}, {gbs / stream_gbs:.0%})")
                         results.append(row)
                         ratios = ", ".join(f"{row['paths'][i]['ratio']:.2f}x" for i in isas)
+                        masked_ratios = ", ".join(f"{row['paths'][i]['masked_ratio']:.2f}x" for i in isas)
                         print(f"| {row['dtype']} | {shape} {label} {d_in} -> {d_out} | {rows} | {s:.0%} | {union:.0%} | "
-                              f"{med['dense'] * 1e6:.0f} ({dense_gbs:.1f}) | " + " | ".join(cells) + f" | {ratios} |",
-                              flush=True)
+                              f"{med['dense'] * 1e6:.0f} ({dense_gbs:.1f}) | {med['masked'] * 1e6:.0f} | "
+                              + " | ".join(cells) + f" | {ratios} | {masked_ratios} |", flush=True)
                 pool = pool_t = None  # free before the next shape
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)

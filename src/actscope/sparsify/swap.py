@@ -34,9 +34,9 @@ from .layout import layer_modules
 
 KERNEL_MAX_ROWS = 16  # on CPU, up to this many tokens per call the sparse kernel beats a dense matmul
 # ... except bfloat16 on a CPU with AMX, where torch's dense product (oneDNN on AMX tiles)
-# overtakes the kernel sooner: 16 rows took the kernel 1.3-1.4x the masked dense time, 8 rows
-# 0.8x (docs/benchmarks.md, "Several rows"). Without AMX that product is slow, so the float32
-# limit stands (unmeasured there, so unchanged).
+# overtakes the kernel sooner: at 16 rows the kernel was slower than the masked product on
+# every shape, at 8 rows faster on most (docs/benchmarks.md, "Several rows: where the kernel
+# stops"). Without AMX that product is slow, so the float32 limit stands (unmeasured there).
 KERNEL_MAX_ROWS_BF16 = 8
 
 
