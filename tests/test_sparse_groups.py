@@ -44,6 +44,25 @@ def test_one_call_per_group_equals_one_call_per_linear(model, monkeypatch, rows,
     assert fused_kept == pytest.approx(alone_kept, abs=1e-12)  # each input counted once per member
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_through_a_group_is_exactly_one_call_per_linear(model, monkeypatch, dtype):
+    """Many rows (a prompt) take the masked dense product: the group makes the mask once and each
+    member's product as it would alone, so the logits are bit-identical, and counted once."""
+    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(8), progress=False)
+    prompt = torch.randint(3, VOCAB, (2, 20))  # 40 rows: above every kernel row limit
+    got = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(swap_mod, "FUSE_GROUPS", fuse)
+        model.to(dtype)
+        try:
+            with torch.inference_mode(), apply(model, config) as handle:
+                got[fuse] = (model(prompt).logits, handle.achieved()["per_module"])
+        finally:
+            model.float()
+    assert torch.equal(got[True][0], got[False][0])
+    assert got[True][1] == got[False][1]
+
+
 def test_no_groups_where_thresholds_differ(model):
     """WINA scales each linear's inputs by its own column norms: q, k and v keep different inputs."""
     config = calibrate(model, method="wina", sparsity=0.5, tokens=random_tokens(4), progress=False)

@@ -111,11 +111,17 @@ def reference(
     scale: torch.Tensor | None = None, counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The masked dense computation every kernel must equal (also the fallback)."""
-    keep = mask(x, thresh, scale, counter)
-    y = (x * keep).to(torch.float32) @ wt.to(torch.float32)
+    y = masked(x, thresh, scale, counter).to(torch.float32) @ wt.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
+
+
+def masked(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = None,
+           counter: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` with the inputs ``mask`` drops set to zero: the input of every masked dense product.
+    (``x * keep``: on CPU ``torch.where`` and ``masked_fill`` took 3-4x as long.)"""
+    return x * mask(x, thresh, scale, counter)
 
 
 def mask(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = None,

@@ -157,11 +157,11 @@ class SparseLinear(nn.Module):
             else:
                 y = kernel.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self.scale, self.counter)
         else:
-            keep = kernel.mask(x2, self.thresh, self.scale, self.counter)
+            xm = kernel.masked(x2, self.thresh, self.scale, self.counter)
             if self.weight_in_out:  # as Conv1D computes it (it always has a bias)
-                y = torch.addmm(self.bias, x2 * keep, self.weight)
+                y = torch.addmm(self.bias, xm, self.weight)
             else:
-                y = F.linear(x2 * keep, self.weight, self.bias)
+                y = F.linear(xm, self.weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
