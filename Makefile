@@ -74,6 +74,7 @@ bench: install
 	$(PY) bench/sparse_kernel.py
 	$(PY) bench/sparse_step.py
 	$(PY) bench/sparse_breakdown.py
+	$(PY) bench/sparse_prompt.py
 	$(PY) bench/spine.py
 	$(PY) bench/sparsify.py
 	$(PY) bench/sparsify.py --dtype bfloat16 --speed-only --methods teal,wina,cats,coreinfer
