@@ -20,19 +20,16 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import actscope
-from actscope.data import TokenBatches, load_tokens
-from actscope.sparsify import apply, calibrate
+from actscope.sparsify import apply
 from actscope.sparsify.swap import SparseLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sparsify import PROMPT, cpu_description  # noqa: E402
+from sparsify import PROMPT, cpu_description, default_model_with_teal  # noqa: E402
 
 
 class TimedKernel:
@@ -88,12 +85,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sparsity", type=float, default=0.5)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    warnings.simplefilter("ignore")
-    model, tok = actscope.load_model("default")
-    toks = load_tokens(None, tok, 256, 512)
-    cal = TokenBatches(toks.input_ids[:2], toks.doc_ids[:2], toks.source)
-    config = calibrate(model, method="teal", sparsity=args.sparsity, tokens=cal, progress=False)
+    model, tok, config, _ = default_model_with_teal(args.sparsity)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     n = args.new_tokens
     lin_mib = sum(m.weight.nbytes for m in model.model.modules() if isinstance(m, torch.nn.Linear)) / 2**20

@@ -16,17 +16,14 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-import actscope
-from actscope.data import TokenBatches, load_tokens
-from actscope.sparsify import apply, calibrate, swap
+from actscope.sparsify import apply, swap
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sparsify import cpu_description  # noqa: E402
+from sparsify import cpu_description, default_model_with_teal  # noqa: E402
 
 
 def main() -> None:
@@ -35,19 +32,14 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    warnings.simplefilter("ignore")
-    model, tok = actscope.load_model("default")
-    toks = load_tokens(None, tok, 256, 768)
-    config = calibrate(model, method="teal", sparsity=0.5, progress=False,
-                       tokens=TokenBatches(toks.input_ids[:2], toks.doc_ids[:2], toks.source))
+    model, _, config, prompts = default_model_with_teal(0.5, more_tokens=256)
     print(f"CPU: {cpu_description()}; 2 threads; TEAL 50%")
     print("| dtype | prompt tokens | dense ms | inside apply, grouped: ms (/ dense) | one per linear: ms (/ dense) |")
     print("|---|---|---|---|---|")
     for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
         model.to(dtype)
         for length in [int(v) for v in args.lengths.split(",")]:
-            x = toks.input_ids[2:3, :length]
+            x = prompts[:1, :length]
             times: dict[str, list[float]] = {"dense": [], "grouped": [], "alone": []}
             with torch.inference_mode():
                 for _ in range(args.rounds):

@@ -120,6 +120,20 @@ def reset_peak_rss() -> None:
         pass
 
 
+def default_model_with_teal(sparsity: float = 0.5, calib_tokens: int = 512, more_tokens: int = 0):
+    """(model, tokenizer, TEAL config calibrated on the first ``calib_tokens`` of the default
+    corpus, the tokens of the ``more_tokens`` that follow): the setup of the default-model
+    scripts beside this one (2 threads, warnings off)."""
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")
+    model, tok = actscope.load_model("default")
+    toks = load_tokens(None, tok, 256, calib_tokens + more_tokens)
+    n = calib_tokens // 256
+    cal = TokenBatches(toks.input_ids[:n], toks.doc_ids[:n], toks.source)
+    config = calibrate(model, method="teal", sparsity=sparsity, tokens=cal, progress=False)
+    return model, tok, config, toks.input_ids[n:]
+
+
 def cpu_description() -> str:
     sys.path.insert(0, str(Path(__file__).parent))
     from sparse_kernel import cpu_name
