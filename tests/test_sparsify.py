@@ -22,7 +22,7 @@ from actscope.sparsify import (
 )
 from actscope.sparsify import swap as apply_mod
 from actscope.sparsify.evaluate import SparsityEval
-from actscope.sparsify.kernel import cpu_kernel, reference
+from actscope.sparsify.kernel import cpu_kernel, mask, masked, reference
 
 METHODS = ["teal", "wina", "cats", "chess", "topk", "coreinfer"]
 
@@ -163,6 +163,31 @@ def test_isa_forced_by_environment_and_refused_when_unknown():
     assert run.stdout.strip().splitlines()[-1] == "None" and "unknown instruction set 'sse9'" in run.stderr
     with pytest.raises(RuntimeError, match="unknown instruction set"):
         cpu_kernel().set_isa("sse9")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_mask_equals_the_keep_rule(isa, dtype):
+    """``masked_input`` (prompts' masked input, one pass) on every instruction-set path: equal to
+    ``x * mask(x)`` with scalar and per-channel thresholds, a WINA-like scale, widths that are not
+    a multiple of 16, and a NaN, which is dropped (0), as the kernels drop it; counts equal."""
+    kern = cpu_kernel()
+    g = torch.Generator().manual_seed(3)
+    for shape, n_thresh, scaled in [((5, 37), 1, False), ((3, 64), 64, True), ((40, 576), 1, False),
+                                    ((2, 1536), 1536, True), ((7, 19), 19, False)]:
+        x = torch.randn(*shape, generator=g).to(dtype)
+        x[0, 0] = float("nan")
+        thresh = torch.rand(n_thresh, generator=g)
+        scale = torch.rand(shape[-1], generator=g) * 2 if scaled else None
+        got_count, want_count = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        got = kern.masked_input(x, thresh, scale if scaled else torch.empty(0), got_count)
+        want = x * mask(x, thresh, scale, want_count)
+        want[0, 0] = 0.0
+        assert torch.equal(got, want) and got_count.tolist() == want_count.tolist(), shape
+    with torch.no_grad():  # kernel.masked takes it for CPU tensors without autograd
+        x = torch.randn(2, 3, 64, generator=g).to(dtype)
+        assert torch.equal(masked(x, torch.tensor([0.5])), x * (x.abs().float() > 0.5))
+    with pytest.raises(RuntimeError, match="thresh must be float32, one value or one per input"):
+        kern.masked_input(x[0], torch.rand(7), torch.empty(0), torch.empty(0, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -18,9 +18,8 @@ there, while a forward hook sits on a member (or a global one is registered), ea
 the kernel alone on its own columns. A group counts the kept inputs once per input tensor,
 into one counter its members share, since they keep the same inputs. Many rows (a prompt, an
 evaluation) make the mask once, and every member's masked product at once, handed over the same
-way: each product is the one the member computes alone, and a 256-token prompt runs 4-10%
-faster than with a mask per member (docs/benchmarks.md). Training (grad enabled) runs each
-member alone, so gradients reach its Parameter.
+way: each product is the one the member computes alone, so outputs are bit-identical to one
+call per linear. Training (grad enabled) runs each member alone, so gradients reach its Parameter.
 The held outputs are the group's, not a thread's: one model inside ``apply`` must not run
 forward passes from several threads at once.
 """

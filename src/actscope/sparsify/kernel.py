@@ -119,9 +119,25 @@ def reference(
 
 def masked(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = None,
            counter: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` with the inputs ``mask`` drops set to zero: the input of every masked dense product.
-    (``x * keep``: on CPU ``torch.where`` and ``masked_fill`` took 3-4x as long.)"""
+    """``x`` with the inputs ``mask`` drops set to zero: the input of every masked dense product
+    (prompts, evaluation, training). On CPU without autograd the C++ extension makes it in one
+    vectorised pass over ``x`` (``masked_input``: 20x faster than the torch ops on a 256-token
+    prompt's rows); otherwise ``x * keep`` (``torch.where`` and ``masked_fill`` took 3-4x as
+    long on CPU). A dropped NaN becomes 0 in the C++ pass, as in the sparse kernels, which never
+    read a dropped input; torch's multiply keeps it NaN."""
+    cpu = cpu_kernel()
+    if (cpu is not None and not x.is_cuda and x.dtype in (torch.float32, torch.bfloat16)
+            and thresh.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling()):
+        out = cpu.masked_input(x.reshape(-1, x.shape[-1]), thresh.reshape(-1),
+                               scale if scale is not None else _EMPTY_F32,
+                               counter if counter is not None else _EMPTY_I64)
+        return out.view(x.shape)
     return x * mask(x, thresh, scale, counter)
+
+
+_EMPTY_F32 = torch.empty(0, dtype=torch.float32)
+_EMPTY_I64 = torch.empty(0, dtype=torch.int64)
 
 
 def mask(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = None,

@@ -407,6 +407,42 @@ double stream(const float* p, int64_t n) {
   for (; i < n; ++i) s += p[i];
   return s;
 }
+
+// One row of the keep rule: y = x where |x| * scale > thresh, else 0; returns how many were kept.
+// (mask_input: the input of the masked dense product that prompts take.) NaN is dropped.
+inline __m512 abs16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)));
+}
+inline __mmask16 keep16(__m512 v, int64_t i, __mmask16 m, const float* t, bool per_channel, const float* s) {
+  __m512 a = abs16(v);
+  if (s) a = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, s + i));
+  const __m512 th = per_channel ? _mm512_maskz_loadu_ps(m, t + i) : _mm512_set1_ps(t[0]);
+  return _mm512_mask_cmp_ps_mask(m, a, th, _CMP_GT_OQ);
+}
+inline int64_t mask_row(const float* x, float* y, int64_t n, const float* t, bool per_channel, const float* s) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __mmask16 k = keep16(v, i, m, t, per_channel, s);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_maskz_mov_ps(k, v));
+    kept += __builtin_popcount(static_cast<unsigned>(k));
+  }
+  return kept;
+}
+inline int64_t mask_row(const at::BFloat16* x, at::BFloat16* y, int64_t n, const float* t, bool per_channel,
+                        const float* s) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m256i raw = _mm256_maskz_loadu_epi16(m, x + i);
+    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    const __mmask16 k = keep16(v, i, m, t, per_channel, s);
+    _mm256_mask_storeu_epi16(y + i, m, _mm256_maskz_mov_epi16(k, raw));
+    kept += __builtin_popcount(static_cast<unsigned>(k));
+  }
+  return kept;
+}
 }  // namespace avx512
 #pragma GCC pop_options
 #endif  // ACTSCOPE_X86
@@ -681,6 +717,69 @@ torch::Tensor run_rows(const torch::Tensor& x, const torch::Tensor& w, const tor
 
 }  // namespace
 
+namespace {
+template <typename T>
+int64_t mask_row_scalar(const T* x, T* y, int64_t n, const float* t, bool per_channel, const float* s) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = std::abs(load(x, i)) * (s ? s[i] : 1.0f) > (per_channel ? t[i] : t[0]);
+    y[i] = keep ? x[i] : T(0.0f);
+    kept += keep;
+  }
+  return kept;
+}
+
+template <typename T>
+torch::Tensor run_masked(const torch::Tensor& x, const torch::Tensor& thresh, const torch::Tensor& scale,
+                         const torch::Tensor& counter) {
+  const int64_t rows = x.size(0), in = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const float* tp = thresh.data_ptr<float>();
+  const bool per_channel = thresh.numel() == in;
+  const float* sp = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  auto out = torch::empty_like(x);
+  T* op = out.data_ptr<T>();
+  std::atomic<int64_t> kept{0};
+  const bool vec = g_isa == AVX512;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, in)), [&](int64_t r0, int64_t r1) {
+    int64_t k = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+#ifdef ACTSCOPE_X86
+      if (vec) {
+        k += avx512::mask_row(xp + r * in, op + r * in, in, tp, per_channel, sp);
+        continue;
+      }
+#endif
+      k += mask_row_scalar(xp + r * in, op + r * in, in, tp, per_channel, sp);
+    }
+    kept.fetch_add(k);
+  });
+  if (counter.defined() && counter.numel() == 2) {
+    int64_t* c = counter.data_ptr<int64_t>();
+    c[0] += kept.load();
+    c[1] += rows * in;
+  }
+  return out;
+}
+}  // namespace
+
+// x with the inputs the keep rule drops set to 0 (x [rows, in]; counter += [kept, all]): the input
+// of the masked dense product that prompts and evaluation take, in one pass over x where torch
+// ops take four (absolute value, compare, count, multiply). Vectorised on AVX-512.
+torch::Tensor masked_input(torch::Tensor x, torch::Tensor thresh, torch::Tensor scale, torch::Tensor counter) {
+  TORCH_CHECK(x.dim() == 2 && !x.is_cuda(), "masked_input: x [rows, in] on CPU");
+  TORCH_CHECK(thresh.scalar_type() == torch::kFloat32 && (thresh.numel() == 1 || thresh.numel() == x.size(1)),
+              "masked_input: thresh must be float32, one value or one per input");
+  TORCH_CHECK(!scale.numel() || (scale.scalar_type() == torch::kFloat32 && scale.numel() == x.size(1)),
+              "masked_input: scale must be float32, one per input");
+  x = x.contiguous();
+  thresh = thresh.contiguous();
+  scale = scale.contiguous();
+  if (x.scalar_type() == torch::kFloat32) return run_masked<float>(x, thresh, scale, counter);
+  if (x.scalar_type() == torch::kBFloat16) return run_masked<at::BFloat16>(x, thresh, scale, counter);
+  TORCH_CHECK(false, "masked_input: float32 or bfloat16 only, got ", x.scalar_type());
+}
+
 // y[:, idx] = x @ w[idx].T and zero elsewhere: only the listed output rows of w [out, in] are read
 // (contiguous in PyTorch's layout). Used for the up projection once the gate's kept neurons are known.
 torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor idx) {
@@ -784,6 +883,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparse_linear, "y = (x * keep) @ wt + bias, reading only kept rows of wt (rows may be strided)");
   m.def("register_op", &register_op, "register the kernel as actscope::sparse_linear's CPU implementation");
   m.def("rows_linear", &rows_linear, "y[:, idx] = x @ w[idx].T, zero elsewhere");
+  m.def("masked_input", &masked_input, "x with the inputs the keep rule drops set to 0, counted");
   m.def("isa", &isa, "the instruction set the kernels use: scalar, avx2 or avx512");
   m.def("supported_isas", &supported_isas, "the instruction sets this CPU can run");
   m.def("set_isa", &set_isa, "force an instruction set ('' = the best this CPU has)");
