@@ -183,7 +183,7 @@ def test_one_pass_mask_equals_the_keep_rule(isa, dtype):
         want = x * mask(x, thresh, scale, want_count)
         want[0, 0] = 0.0
         assert torch.equal(got, want) and got_count.tolist() == want_count.tolist(), shape
-    with torch.no_grad():  # kernel.masked takes it on AVX-512, the torch ops elsewhere: same values
+    with torch.no_grad():  # kernel.masked takes it on AVX2/AVX-512, the torch ops elsewhere: same values
         x = torch.randn(2, 3, 64, generator=g).to(dtype)
         assert torch.equal(masked(x, torch.tensor([0.5])), x * (x.abs().float() > 0.5))
     with pytest.raises(RuntimeError, match="thresh must be float32, one value or one per input"):

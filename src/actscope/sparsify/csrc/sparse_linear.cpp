@@ -224,6 +224,47 @@ double stream(const float* p, int64_t n) {
   for (; i < n; ++i) s += p[i];
   return s;
 }
+
+// One row of the keep rule (see avx512::mask_row): 8 inputs per vector, the tail scalar.
+inline __m256 keep8(__m256 v, int64_t i, const float* t, bool per_channel, const float* s) {
+  __m256 a = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+  if (s) a = _mm256_mul_ps(a, _mm256_loadu_ps(s + i));
+  return _mm256_cmp_ps(a, per_channel ? _mm256_loadu_ps(t + i) : _mm256_set1_ps(t[0]), _CMP_GT_OQ);
+}
+template <typename T>
+inline int64_t mask_tail(const T* x, T* y, int64_t i, int64_t n, const float* t, bool per_channel, const float* s) {
+  int64_t kept = 0;
+  for (; i < n; ++i) {
+    const bool keep = std::abs(load(x, i)) * (s ? s[i] : 1.0f) > (per_channel ? t[i] : t[0]);
+    y[i] = keep ? x[i] : T(0.0f);
+    kept += keep;
+  }
+  return kept;
+}
+inline int64_t mask_row(const float* x, float* y, int64_t n, const float* t, bool per_channel, const float* s) {
+  int64_t kept = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 k = keep8(v, i, t, per_channel, s);
+    _mm256_storeu_ps(y + i, _mm256_and_ps(k, v));
+    kept += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(k)));
+  }
+  return kept + mask_tail(x, y, i, n, t, per_channel, s);
+}
+inline int64_t mask_row(const at::BFloat16* x, at::BFloat16* y, int64_t n, const float* t, bool per_channel,
+                        const float* s) {
+  int64_t kept = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    const __m256 k = keep8(v, i, t, per_channel, s);
+    const __m256i k32 = _mm256_castps_si256(k);  // 0 or -1 per input: narrowed to 16-bit lanes
+    const __m128i k16 = _mm_packs_epi32(_mm256_castsi256_si128(k32), _mm256_extracti128_si256(k32, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm_and_si128(k16, raw));
+    kept += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(k)));
+  }
+  return kept + mask_tail(x, y, i, n, t, per_channel, s);
+}
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -740,13 +781,17 @@ torch::Tensor run_masked(const torch::Tensor& x, const torch::Tensor& thresh, co
   auto out = torch::empty_like(x);
   T* op = out.data_ptr<T>();
   std::atomic<int64_t> kept{0};
-  const bool vec = g_isa == AVX512;
+  const int isa = g_isa;
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, in)), [&](int64_t r0, int64_t r1) {
     int64_t k = 0;
     for (int64_t r = r0; r < r1; ++r) {
 #ifdef ACTSCOPE_X86
-      if (vec) {
+      if (isa == AVX512) {
         k += avx512::mask_row(xp + r * in, op + r * in, in, tp, per_channel, sp);
+        continue;
+      }
+      if (isa == AVX2) {
+        k += avx2::mask_row(xp + r * in, op + r * in, in, tp, per_channel, sp);
         continue;
       }
 #endif
@@ -765,7 +810,7 @@ torch::Tensor run_masked(const torch::Tensor& x, const torch::Tensor& thresh, co
 
 // x with the inputs the keep rule drops set to 0 (x [rows, in]; counter += [kept, all]): the input
 // of the masked dense product that prompts and evaluation take, in one pass over x where torch
-// ops take four (absolute value, compare, count, multiply). Vectorised on AVX-512.
+// ops take four (absolute value, compare, count, multiply). Vectorised on AVX-512 and AVX2.
 torch::Tensor masked_input(torch::Tensor x, torch::Tensor thresh, torch::Tensor scale, torch::Tensor counter) {
   TORCH_CHECK(x.dim() == 2 && !x.is_cuda(), "masked_input: x [rows, in] on CPU");
   TORCH_CHECK(thresh.scalar_type() == torch::kFloat32 && (thresh.numel() == 1 || thresh.numel() == x.size(1)),
