@@ -43,6 +43,19 @@ inline float load(const at::BFloat16* p, int64_t i) {
   return f;
 }
 
+// The keep rule on inputs [i, n) of one row: y = x where |x| * scale > thresh, else 0 (a NaN is
+// dropped); returns how many were kept. The plain loop of masked_input, and its vector paths' tail.
+template <typename T>
+int64_t mask_scalar(const T* x, T* y, int64_t i, int64_t n, const float* t, bool per_channel, const float* s) {
+  int64_t kept = 0;
+  for (; i < n; ++i) {
+    const bool keep = std::abs(load(x, i)) * (s ? s[i] : 1.0f) > (per_channel ? t[i] : t[0]);
+    y[i] = keep ? x[i] : T(0.0f);
+    kept += keep;
+  }
+  return kept;
+}
+
 // Rows of the weight prefetched ahead, in groups of kept rows. The rows are scattered (only kept
 // channels), so the hardware prefetcher only catches up a few lines into each one; asking for
 // the next group's lines while this group is summed keeps enough misses in flight.
@@ -231,16 +244,6 @@ inline __m256 keep8(__m256 v, int64_t i, const float* t, bool per_channel, const
   if (s) a = _mm256_mul_ps(a, _mm256_loadu_ps(s + i));
   return _mm256_cmp_ps(a, per_channel ? _mm256_loadu_ps(t + i) : _mm256_set1_ps(t[0]), _CMP_GT_OQ);
 }
-template <typename T>
-inline int64_t mask_tail(const T* x, T* y, int64_t i, int64_t n, const float* t, bool per_channel, const float* s) {
-  int64_t kept = 0;
-  for (; i < n; ++i) {
-    const bool keep = std::abs(load(x, i)) * (s ? s[i] : 1.0f) > (per_channel ? t[i] : t[0]);
-    y[i] = keep ? x[i] : T(0.0f);
-    kept += keep;
-  }
-  return kept;
-}
 inline int64_t mask_row(const float* x, float* y, int64_t n, const float* t, bool per_channel, const float* s) {
   int64_t kept = 0, i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -249,7 +252,7 @@ inline int64_t mask_row(const float* x, float* y, int64_t n, const float* t, boo
     _mm256_storeu_ps(y + i, _mm256_and_ps(k, v));
     kept += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(k)));
   }
-  return kept + mask_tail(x, y, i, n, t, per_channel, s);
+  return kept + mask_scalar(x, y, i, n, t, per_channel, s);
 }
 inline int64_t mask_row(const at::BFloat16* x, at::BFloat16* y, int64_t n, const float* t, bool per_channel,
                         const float* s) {
@@ -263,7 +266,7 @@ inline int64_t mask_row(const at::BFloat16* x, at::BFloat16* y, int64_t n, const
     _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm_and_si128(k16, raw));
     kept += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(k)));
   }
-  return kept + mask_tail(x, y, i, n, t, per_channel, s);
+  return kept + mask_scalar(x, y, i, n, t, per_channel, s);
 }
 }  // namespace avx2
 #pragma GCC pop_options
@@ -760,17 +763,6 @@ torch::Tensor run_rows(const torch::Tensor& x, const torch::Tensor& w, const tor
 
 namespace {
 template <typename T>
-int64_t mask_row_scalar(const T* x, T* y, int64_t n, const float* t, bool per_channel, const float* s) {
-  int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool keep = std::abs(load(x, i)) * (s ? s[i] : 1.0f) > (per_channel ? t[i] : t[0]);
-    y[i] = keep ? x[i] : T(0.0f);
-    kept += keep;
-  }
-  return kept;
-}
-
-template <typename T>
 torch::Tensor run_masked(const torch::Tensor& x, const torch::Tensor& thresh, const torch::Tensor& scale,
                          const torch::Tensor& counter) {
   const int64_t rows = x.size(0), in = x.size(1);
@@ -795,7 +787,7 @@ torch::Tensor run_masked(const torch::Tensor& x, const torch::Tensor& thresh, co
         continue;
       }
 #endif
-      k += mask_row_scalar(xp + r * in, op + r * in, in, tp, per_channel, sp);
+      k += mask_scalar(xp + r * in, op + r * in, 0, in, tp, per_channel, sp);
     }
     kept.fetch_add(k);
   });
