@@ -110,8 +110,9 @@ def reference(
     x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, thresh: torch.Tensor,
     scale: torch.Tensor | None = None, counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The masked dense computation every kernel must equal (also the fallback)."""
-    y = masked(x, thresh, scale, counter).to(torch.float32) @ wt.to(torch.float32)
+    """The masked dense computation every kernel must equal (also the fallback). Torch ops only,
+    not ``masked``'s C++ pass, so the kernels' tests check them against an independent computation."""
+    y = (x * mask(x, thresh, scale, counter)).to(torch.float32) @ wt.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
