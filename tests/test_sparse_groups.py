@@ -181,3 +181,38 @@ def test_the_compiled_operator_takes_other_dtypes_through_the_masked_dense_path(
     got = ops.sparse_linear(x, wt, bias, thresh, torch.empty(0), counter)
     assert got.dtype == dtype and torch.allclose(got, reference(x, wt, bias, thresh), atol=1e-3)
     assert counter.tolist() == [int((x.abs().float() > 0.5).sum()), 32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_split_call_gives_each_member_its_columns_of_one_call(dtype):
+    """``sparse_linear_split``: x of any leading shape; one contiguous output per size, equal to
+    the columns of the one-output call; a copy of x where asked; counted once; bad sizes refused."""
+    from actscope.sparsify.kernel import cpu_kernel, reference
+
+    kern = cpu_kernel()
+    if kern is None:
+        pytest.skip("no C++ compiler here: the kernel could not be built")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 40, generator=g).to(dtype)
+    wt, bias = torch.randn(40, 30, generator=g).to(dtype), torch.randn(30, generator=g).to(dtype)
+    thresh, empty = torch.tensor([0.6]), torch.empty(0)
+    whole = kern.sparse_linear(x, wt, bias, thresh, empty, torch.empty(0, dtype=torch.int64))
+    assert whole.shape == (2, 3, 30)
+    want = reference(x.reshape(6, 40), wt, bias, thresh).reshape(2, 3, 30)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(whole.float(), want.float(), rtol=tol, atol=tol)
+    values, counter = torch.empty(x.numel(), dtype=dtype), torch.zeros(2, dtype=torch.int64)
+    parts = kern.sparse_linear_split(x, wt, bias, thresh, empty, counter, [12, 8, 10], values)
+    assert [p.shape for p in parts] == [(2, 3, 12), (2, 3, 8), (2, 3, 10)] and all(p.is_contiguous() for p in parts)
+    assert torch.equal(torch.cat(parts, -1), whole)  # bit-identical to the one-output call
+    assert torch.equal(values, x.reshape(-1)) and kern.same_bytes(x, values)
+    assert counter.tolist() == [int((x.abs().float() > 0.6).sum()), x.numel()]
+    x[0, 0, 0] += 1
+    assert not kern.same_bytes(x, values)
+    assert not kern.same_bytes(x.transpose(0, 1), values)  # not contiguous: never "the same"
+    with pytest.raises(RuntimeError, match="sum to 29"):
+        kern.sparse_linear_split(x, wt, bias, thresh, empty, counter, [12, 8, 9], empty)
+    with pytest.raises(RuntimeError, match=r"x \[\.\.\., in\]"):
+        kern.sparse_linear(x[..., :39], wt, bias, thresh, empty, counter)
+    none = kern.sparse_linear(x[:0], wt, bias, thresh, empty, counter)  # no rows: an empty output
+    assert none.shape == (0, 3, 30)

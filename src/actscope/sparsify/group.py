@@ -78,6 +78,7 @@ class FusedGroup:
         self._values: torch.Tensor | None = None
         self._outs: list[torch.Tensor] | None = None
         self._pending = 0  # bit i: member i has not taken its output yet
+        self._scratch = _EMPTY  # where the kernel copies an inference tensor's values (ours, reused)
 
     def to_kernel_layout(self) -> None:
         """Store the members' weights (and biases) once, side by side; each Parameter becomes a
@@ -125,7 +126,7 @@ class FusedGroup:
         # A member that already took its output for this input starts a new round: it may be
         # called again after an edit to the weights, which the held outputs would not show.
         fresh = outs is not None and (self._pending >> i) & 1 and not torch.is_grad_enabled()
-        if fresh and (compiling or self._values is None or torch.equal(x, self._values)):
+        if fresh and (compiling or self._values is None or member._cpu.same_bytes(x, self._values)):
             y = outs[i]
         else:
             y = self._compute(member, x, seen, max_rows, compiling)
@@ -138,40 +139,52 @@ class FusedGroup:
                  compiling: bool) -> torch.Tensor:
         assert self.wt is not None
         count = _NO_COUNT if seen else self.counter  # the members keep the same inputs: count once
-        x2 = x.reshape(-1, member.in_features)
-        rows, lead = x2.shape[0], x.shape[:-1]
-        shared = not torch.is_grad_enabled() and x2.dtype == self.wt.dtype
+        rows = x.numel() // member.in_features
+        shared = not torch.is_grad_enabled() and x.dtype == self.wt.dtype
+        if shared and rows <= max_rows and not compiling:  # decoding: one C++ call gives every member's output
+            values = self._scratch_for(x) if x.is_inference() else _EMPTY  # no version counter: keep the values
+            self._outs = member._cpu.sparse_linear_split(x, self.wt, self.bias, member.thresh, member._scale,
+                                                         count, self.sizes, values)
+            self._values = values if values.numel() else None
+            self._pending = (1 << len(self.members)) - 1
+            return self._outs[member.group_index]
+        x2, lead = x.reshape(-1, member.in_features), x.shape[:-1]
         if shared and not (compiling and _hooked(self.members)):  # one call for the whole group
-            if rows <= max_rows:
-                y = self._run(member, x2, self.wt, self.bias, count, compiling)
-                parts = y.view(*lead, self.out_features).split_with_sizes(self.sizes, -1)  # views (Tensor.split costs 3x)
-                self._outs = list(parts) if rows == 1 else [p.contiguous() for p in parts]
+            if rows <= max_rows:  # compiled: the traced operator, then each member's columns
+                y = _traced(member, x2, self.wt, self.bias, count)
+                self._outs = [p.contiguous() for p in y.view(*lead, self.out_features).split_with_sizes(self.sizes, -1)]
             else:  # prefill, evaluation: one mask; each member's own product (as alone), no copies
                 xm = kernel.masked(x2, member.thresh, member.scale, count)
                 self._outs = [F.linear(xm, m.weight, m.bias).view(*lead, m.out_features) for m in self.members]
-            self._pending = (1 << len(self.members)) - 1
             if not compiling and x.is_inference():  # no version counter: keep the values to compare
-                self._values = x.clone()
+                self._values = x.clone(memory_format=torch.contiguous_format)  # not kept: a prompt can be large
+            self._pending = (1 << len(self.members)) - 1
             return self._outs[member.group_index]
         if shared and rows <= max_rows:  # traced with a hook that could edit the input in place: each alone
             a, b = self.spans[member.group_index]
             bias = None if self.bias is None else self.bias[a:b]
-            y = self._run(member, x2, self.wt[:, a:b], bias, count, compiling)
+            y = _traced(member, x2, self.wt[:, a:b], bias, count)
         else:  # training, another dtype, or many rows traced with a hook: the member's own masked product
             y = F.linear(kernel.masked(x2, member.thresh, member.scale, count), member.weight, member.bias)
         return y.reshape(*lead, member.out_features)
 
-    @staticmethod
-    def _run(member: "SparseLinear", x2: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None,
-             counter: torch.Tensor, compiling: bool) -> torch.Tensor:
-        if compiling:  # one opaque op inside the compiled graph
-            from . import ops
+    def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
+        """A flat buffer of ``x``'s size and dtype, ours and reused, for the copy of ``x``'s values."""
+        if self._scratch.numel() != x.numel() or self._scratch.dtype != x.dtype:
+            self._scratch = torch.empty(x.numel(), dtype=x.dtype)
+        return self._scratch
 
-            return ops.sparse_linear(x2, wt, bias, member.thresh, member._scale, counter)
-        return member._cpu.sparse_linear(x2, wt, bias, member.thresh, member._scale, counter)
+
+def _traced(member: "SparseLinear", x2: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None,
+            counter: torch.Tensor) -> torch.Tensor:
+    """The kernel as one opaque operator inside a compiled graph."""
+    from . import ops
+
+    return ops.sparse_linear(x2, wt, bias, member.thresh, member._scale, counter)
 
 
 _NO_COUNT = torch.empty(0, dtype=torch.int64)
+_EMPTY = torch.empty(0)
 
 
 def _hooked(members: list[nn.Module]) -> bool:

@@ -100,6 +100,7 @@ class SparseLinear(nn.Module):
             self._cpu = kernel.cpu_kernel()
             if self._cpu is not None:
                 self._wt_dtype = linear.weight.dtype
+        self._rows = min(self._max_rows, KERNEL_MAX_ROWS)  # most rows per kernel call (read once: decoding is hot)
 
     def to_kernel_layout(self) -> bool:
         """Store the weight once, as the kernel reads it: ``W^T`` [in, out] contiguous, with the
@@ -145,15 +146,18 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
-            return self.group.forward(self, x, min(self._max_rows, KERNEL_MAX_ROWS))
+            return self.group.forward(self, x, self._rows)
+        if (x.dtype == self._wt_dtype and self._wt is not None and x.numel() <= self._rows * self.in_features
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            # CPU decoding: one C++ call takes x [..., in] and returns [..., out]; a reshape on each
+            # side from Python cost as much as the kernel's own overhead on the default model
+            return self._cpu.sparse_linear(x, self._wt, self.bias, self.thresh, self._scale, self.counter)
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= min(self._max_rows, KERNEL_MAX_ROWS) and not torch.is_grad_enabled():
+        if x2.shape[0] <= self._rows and not torch.is_grad_enabled():
             if torch.compiler.is_compiling():  # one opaque op, so the compiled step has no graph break
                 from . import ops
 
                 y = ops.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self._scale, self.counter)
-            elif self._cpu is not None and x2.dtype == self._wt_dtype and self._wt is not None:  # CPU decoding
-                y = self._cpu.sparse_linear(x2, self._wt, self.bias, self.thresh, self._scale, self.counter)
             else:
                 y = kernel.sparse_linear(x2, self.transposed(), self.bias, self.thresh, self.scale, self.counter)
         else:

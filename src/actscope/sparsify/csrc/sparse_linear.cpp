@@ -667,10 +667,13 @@ Pool& pool() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Writes y's columns, in order, into `outs` (contiguous, [rows, width] each, widths summing to out):
+// one output for a lone linear, one per member for a group (group.py), so no split is needed after.
 template <typename T>
-torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::optional<torch::Tensor>& bias,
-                  const torch::Tensor& thresh, const torch::Tensor& scale, const torch::Tensor& counter) {
-  const int64_t rows = x.size(0), in = x.size(1), out = wt.size(1), ld = wt.stride(0);
+void run(const torch::Tensor& x, const torch::Tensor& wt, const c10::optional<torch::Tensor>& bias,
+         const torch::Tensor& thresh, const torch::Tensor& scale, const torch::Tensor& counter,
+         const std::vector<torch::Tensor>& outs) {
+  const int64_t in = wt.size(0), rows = x.numel() / in, out = wt.size(1), ld = wt.stride(0);
   const T* xp = x.data_ptr<T>();
   const T* wp = wt.data_ptr<T>();
   const float* tp = thresh.data_ptr<float>();
@@ -721,8 +724,6 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
     const int64_t k0 = c * chunk, k1 = std::min(na, k0 + chunk);
     fn(partial.data() + slot * rows * out, wrows.data() + k0, xs.data() + k0, na, rows, k1 - k0, out);
   });
-  auto y = torch::empty({rows, out}, x.options());
-  T* yp = y.data_ptr<T>();
   torch::Tensor bias_f;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -735,9 +736,14 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& wt, const c10::op
       const float* pt = partial.data() + (t * rows + r) * out;
       for (int64_t o = 0; o < out; ++o) p0[o] += pt[o];
     }
-    for (int64_t o = 0; o < out; ++o) yp[r * out + o] = static_cast<T>(bp ? p0[o] + bp[o] : p0[o]);
+    int64_t a = 0;
+    for (const auto& y : outs) {
+      const int64_t w = y.numel() / rows;
+      T* yp = y.data_ptr<T>() + r * w;
+      for (int64_t o = 0; o < w; ++o) yp[o] = static_cast<T>(bp ? p0[a + o] + bp[a + o] : p0[a + o]);
+      a += w;
+    }
   }
-  return y;
 }
 
 template <typename T>
@@ -831,17 +837,60 @@ torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w, torch::Tensor idx) {
   TORCH_CHECK(false, "rows_linear: float32 or bfloat16 only, got ", x.scalar_type());
 }
 
-torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias,
-                            torch::Tensor thresh, torch::Tensor scale, torch::Tensor counter) {
-  TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0), "sparse_linear: x [rows, in], wt [in, out]");
+// y = (x * keep) @ wt + bias for x [..., in] and wt [in, out] (rows may be a column slice of a
+// wider block), written as one output [..., size] per entry of `sizes` (empty: one output
+// [..., out]). A group's members get their own contiguous outputs straight from the kernel: in
+// Python, reshaping and splitting one output cost more than the kernel's own overhead on a small
+// model. A `values` tensor of x's size and dtype receives a copy of x (the group's record of the
+// input it answered, for inference tensors, which have no version counter); empty: no copy.
+std::vector<torch::Tensor> sparse_linear_split(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias,
+                                               torch::Tensor thresh, torch::Tensor scale, torch::Tensor counter,
+                                               std::vector<int64_t> sizes, torch::Tensor values) {
+  TORCH_CHECK(x.dim() >= 1 && wt.dim() == 2 && x.size(-1) == wt.size(0),
+              "sparse_linear: x [..., in], wt [in, out]; got x ", x.sizes(), " and wt ", wt.sizes());
   TORCH_CHECK(x.scalar_type() == wt.scalar_type(), "sparse_linear: x and wt need one dtype");
   TORCH_CHECK(thresh.scalar_type() == torch::kFloat32, "sparse_linear: thresh must be float32");
   TORCH_CHECK(!x.is_cuda(), "sparse_linear: CPU tensors only (the Triton kernel serves CUDA)");
   x = x.contiguous();
-  if (wt.stride(1) != 1 || wt.stride(0) < wt.size(1)) wt = wt.contiguous();  // rows may be a column slice of a wider block
-  if (x.scalar_type() == torch::kFloat32) return run<float>(x, wt, bias, thresh, scale, counter);
-  if (x.scalar_type() == torch::kBFloat16) return run<at::BFloat16>(x, wt, bias, thresh, scale, counter);
-  TORCH_CHECK(false, "sparse_linear: float32 or bfloat16 only, got ", x.scalar_type());
+  if (wt.stride(1) != 1 || wt.stride(0) < wt.size(1)) wt = wt.contiguous();
+  if (sizes.empty()) sizes.push_back(wt.size(1));
+  int64_t total = 0;
+  for (int64_t s : sizes) total += s;
+  TORCH_CHECK(total == wt.size(1), "sparse_linear: output sizes sum to ", total, ", not wt's ", wt.size(1), " columns");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  std::vector<torch::Tensor> outs;
+  outs.reserve(sizes.size());
+  for (int64_t s : sizes) {
+    shape.back() = s;
+    outs.push_back(torch::empty(shape, x.options()));
+  }
+  if (values.defined() && values.numel()) {
+    TORCH_CHECK(values.numel() == x.numel() && values.scalar_type() == x.scalar_type() && values.is_contiguous(),
+                "sparse_linear: values must be a contiguous tensor of x's size and dtype");
+    std::memcpy(values.data_ptr(), x.data_ptr(), x.nbytes());
+  }
+  if (x.scalar_type() == torch::kFloat32) {
+    run<float>(x, wt, bias, thresh, scale, counter, outs);
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    run<at::BFloat16>(x, wt, bias, thresh, scale, counter, outs);
+  } else {
+    TORCH_CHECK(false, "sparse_linear: float32 or bfloat16 only, got ", x.scalar_type());
+  }
+  return outs;
+}
+
+torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias,
+                            torch::Tensor thresh, torch::Tensor scale, torch::Tensor counter) {
+  return sparse_linear_split(x, wt, bias, thresh, scale, counter, {}, torch::Tensor())[0];
+}
+
+// Whether two contiguous CPU tensors hold the same bytes: the group's check that an inference
+// tensor was not edited in place between its members' calls, without torch's dispatch.
+bool same_bytes(const torch::Tensor& a, const torch::Tensor& b) {
+  if (!a.is_contiguous() || !b.is_contiguous() || a.is_cuda() || b.is_cuda() || a.nbytes() != b.nbytes() ||
+      a.scalar_type() != b.scalar_type())
+    return false;
+  return std::memcmp(a.data_ptr(), b.data_ptr(), a.nbytes()) == 0;
 }
 
 // The CPU implementation of the operator `actscope::sparse_linear` (defined in sparsify/ops.py,
@@ -918,6 +967,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   g_isa = best_isa();
   if (env && *env) set_isa(env);  // an unknown or unsupported name fails the import, loudly
   m.def("sparse_linear", &sparse_linear, "y = (x * keep) @ wt + bias, reading only kept rows of wt (rows may be strided)");
+  m.def("sparse_linear_split", &sparse_linear_split, "sparse_linear with y's columns split into one output per size");
+  m.def("same_bytes", &same_bytes, "whether two contiguous CPU tensors hold the same bytes");
   m.def("register_op", &register_op, "register the kernel as actscope::sparse_linear's CPU implementation");
   m.def("rows_linear", &rows_linear, "y[:, idx] = x @ w[idx].T, zero elsewhere");
   m.def("masked_input", &masked_input, "x with the inputs the keep rule drops set to 0, counted");
