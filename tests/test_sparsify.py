@@ -122,9 +122,10 @@ def test_every_isa_path_equals_masked_dense(isa, dtype, rows, d_out):
 
 @pytest.mark.parametrize("pool", ["omp", "own"])
 def test_both_thread_pools_equal_masked_dense(pool):
-    """The kernel's chunks run on torch's OpenMP team (the default) or, with
+    """The kernel's ranges of kept rows run on torch's OpenMP team (the default) or, with
     ACTSCOPE_KERNEL_POOL=own, on the kernel's help-first pool: same outputs, on a weight large
-    enough for many chunks."""
+    enough for both threads, and the same bits on every call (the ranges are fixed; threads
+    claiming chunks as they came free gave dozens of different roundings)."""
     import os
     import subprocess
     import sys
@@ -139,11 +140,14 @@ def test_both_thread_pools_equal_masked_dense(pool):
         "got = cpu_kernel().sparse_linear(x, wt, b, t, torch.empty(0), c)\n"
         "want = torch.where(x.abs() > 0.7, x, torch.zeros(())) @ wt + b\n"
         "print(float((got - want).abs().max()), int(c[0]), int(c[1]))\n"
+        "print(len({cpu_kernel().sparse_linear(x[:r], wt, b, t, torch.empty(0), c).numpy().tobytes()\n"
+        "           for r in (1, 3) for _ in range(100)}))\n"
     )
     run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ACTSCOPE_KERNEL_POOL=pool),
                          capture_output=True, text=True, timeout=300)
-    diff, kept, total = run.stdout.split()
+    diff, kept, total, distinct = run.stdout.split()
     assert float(diff) < 1e-3 and 0 < int(kept) < int(total), run.stderr[-2000:]
+    assert int(distinct) == 2  # one result for 1 row, one for 3 rows, over 100 calls each
 
 
 def test_isa_forced_by_environment_and_refused_when_unknown():

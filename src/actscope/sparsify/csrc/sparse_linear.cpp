@@ -541,15 +541,15 @@ float dot(const float* x, const W* w, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A help-first thread pool. The kernel's work is cut into chunks of kept rows that threads claim
-// one at a time; the caller works too and then waits only for chunks *in progress*, never for a
-// helper that has not started. On a machine shared with other jobs a helper thread is often not
+// A help-first thread pool. Work is cut into tasks (the kernel: one range of kept rows per
+// thread; stream_read: 128 KiB chunks) that threads claim one at a time; the caller works too
+// and then waits only for tasks *in progress*, never for a helper that has not started. On a machine shared with other jobs a helper thread is often not
 // running when a call begins; with a fork-join region (OpenMP) every call -- seven per layer --
 // then waits for the scheduler to run it, which made 2 threads slower than 1 under load.
 class Pool {
  public:
-  // Runs fn(slot, chunk) for every chunk in [0, n) on the caller and up to `helpers` helpers;
-  // slot < helpers + 1 tells which thread runs it (for per-thread partial sums).
+  // Runs fn(slot, task) for every task in [0, n) on the caller and up to `helpers` helpers;
+  // slot < helpers + 1 tells which thread runs it (for per-thread sums).
   void run(int helpers, int64_t n, const std::function<void(int, int64_t)>& fn) {
     if (helpers <= 0 || n <= 1) {
       for (int64_t c = 0; c < n; ++c) fn(0, c);
@@ -711,18 +711,23 @@ void run(const torch::Tensor& x, const torch::Tensor& wt, const c10::optional<to
     c[1] += rows * in;
   }
 
-  // 2. y = xs @ wt[active]. Threads claim chunks of kept rows (about 128 KiB of weights each,
-  //    a multiple of the 8-row group), stream them whole (what the prefetcher likes) into their
-  //    own [rows x out] partial sum, and the partial sums are added at the end.
+  // 2. y = xs @ wt[active]. The kept rows are cut into one contiguous range per thread (a
+  //    multiple of the 8-row group; one thread below about 128 KiB of weights each), and each
+  //    range is streamed whole (what the prefetcher likes) into its own [rows x out] partial
+  //    sum; the partial sums are added in range order. So a call gives the same bits every time,
+  //    whichever thread takes which range: when threads claimed 128 KiB chunks as they came
+  //    free, 200 calls of one input gave 70-90 different results, and the fixed ranges measured
+  //    the same speed. A range no helper has started is run by the caller (see Pool).
   const int64_t row_bytes = out * static_cast<int64_t>(sizeof(T));
-  const int64_t chunk = std::max<int64_t>(8, ((131072 / std::max<int64_t>(1, row_bytes)) + 7) / 8 * 8);
-  const int64_t nchunks = (na + chunk - 1) / chunk;
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks)));
+  const int64_t min_rows = std::max<int64_t>(8, ((131072 / std::max<int64_t>(1, row_bytes)) + 7) / 8 * 8);
+  const int nthreads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (na + min_rows - 1) / min_rows)));
+  const int64_t per = ((na + nthreads - 1) / nthreads + 7) / 8 * 8;
   std::vector<float> partial(static_cast<size_t>(nthreads) * rows * out, 0.0f);
   const BlockFn<T> fn = block_fn<T>();
-  pool().run(nthreads - 1, nchunks, [&](int slot, int64_t c) {
-    const int64_t k0 = c * chunk, k1 = std::min(na, k0 + chunk);
-    fn(partial.data() + slot * rows * out, wrows.data() + k0, xs.data() + k0, na, rows, k1 - k0, out);
+  pool().run(nthreads - 1, nthreads, [&](int, int64_t range) {
+    const int64_t k0 = range * per, k1 = std::min(na, k0 + per);
+    if (k0 < k1) fn(partial.data() + range * rows * out, wrows.data() + k0, xs.data() + k0, na, rows, k1 - k0, out);
   });
   torch::Tensor bias_f;
   const float* bp = nullptr;
