@@ -24,7 +24,7 @@ LOG="$OUT/gpu_check.log"
   "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$LOG"
 echo "== CUDA tests" | tee -a "$LOG"
-timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_sparsify.py tests/test_sparse_decoding.py tests/sae/test_sae_cuda.py \
+timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_sparsify.py tests/test_sparse_kernel.py tests/test_sparse_decoding.py tests/sae/test_sae_cuda.py \
   -k "cuda" 2>&1 | tail -20 | tee -a "$LOG"
 echo "== bench/sparsify_gpu.py --sweep --compile, llama-8b-shape, bfloat16, batch 1 and 4" | tee -a "$LOG"
 timeout 330 "$PY" bench/sparsify_gpu.py --sweep --compile --models llama-8b-shape --batches 1,4 \

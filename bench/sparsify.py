@@ -249,7 +249,7 @@ def shape_bench(args) -> None:
                       f"{rate:.2f} tok/s = {rate / dense:.2f}x dense ({dense:.2f}); runs {[f'{r:.2f}' for r in sparse_rates]} "
                       f"vs {[f'{r:.2f}' for r in dense_rates]}; {row['sparse_gbs']:.1f} GB/s sparse, "
                       f"{row['dense_gbs']:.1f} GB/s dense; RSS {rss_dense:.0f} MiB dense, {rss_sparse:.0f} MiB "
-                      f"inside apply (peak {peak_sparse:.0f}): +{row['rss_overhead']:.1%} of {weight_b / 2**20:.0f} "
+                      f"inside apply (peak {peak_sparse:.0f}): {row['rss_overhead']:+.1%} of {weight_b / 2**20:.0f} "
                       f"MiB weights", flush=True)
             del dense_dec
     out = Path("bench/out")

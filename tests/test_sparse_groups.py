@@ -209,10 +209,47 @@ def test_the_split_call_gives_each_member_its_columns_of_one_call(dtype):
     assert counter.tolist() == [int((x.abs().float() > 0.6).sum()), x.numel()]
     x[0, 0, 0] += 1
     assert not kern.same_bytes(x, values)
-    assert not kern.same_bytes(x.transpose(0, 1), values)  # not contiguous: never "the same"
+    assert not kern.same_bytes(x.transpose(0, 1), values)  # other values in memory order
+    x[0, 0, 0] -= 1
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # x's values, not contiguous
+    assert not strided.is_contiguous() and torch.equal(strided, x)
+    assert kern.same_bytes(strided, values)  # compared in x's order: the same
     with pytest.raises(RuntimeError, match="sum to 29"):
         kern.sparse_linear_split(x, wt, bias, thresh, empty, counter, [12, 8, 9], empty)
     with pytest.raises(RuntimeError, match=r"x \[\.\.\., in\]"):
         kern.sparse_linear(x[..., :39], wt, bias, thresh, empty, counter)
     none = kern.sparse_linear(x[:0], wt, bias, thresh, empty, counter)  # no rows: an empty output
     assert none.shape == (0, 3, 30)
+
+
+def test_a_non_contiguous_input_makes_one_call_for_the_group(model):
+    """An inference tensor that is a strided view (not contiguous) is still recognised as the
+    input the group answered: q, k and v share one kernel call, and equal a contiguous input's."""
+    config = calibrate(model, method="teal", sparsity=0.5, tokens=random_tokens(4), progress=False)
+    h = model.config.hidden_size
+    wide = torch.randn(1, 1, 2 * h)
+    calls = []
+
+    class Counting:
+        def __init__(self, kern):
+            self.kern = kern
+
+        def sparse_linear_split(self, *args):
+            calls.append(args[0].shape)
+            return self.kern.sparse_linear_split(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.kern, name)
+
+    with torch.inference_mode(), apply(model, config):
+        members = _members(model)
+        if members[0]._cpu is None:
+            pytest.skip("no C++ compiler here: the kernel could not be built")
+        for m in members:
+            m._cpu = Counting(m._cpu)
+        x = wide[..., ::2]
+        assert not x.is_contiguous()
+        got = [m(x) for m in members]
+        assert len(calls) == 1
+        want = [m(x.contiguous()) for m in members]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -1,6 +1,6 @@
 """The sparse decode kernels: build, load, and a reference implementation they must equal.
 
-On CPU the kernel is C++ (``csrc/sparse_linear.cpp``), compiled once through
+On CPU the kernel is C++ (``csrc/sparse_linear.cpp`` and the headers beside it), compiled once through
 ``torch.utils.cpp_extension`` into ``~/.cache/actscope/kernels`` (``make install`` runs
 ``python -m actscope.sparsify.build``, so a fresh machine pays the compile at install, not at the
 first decode). If it cannot be built (no compiler, no ninja), we warn once and fall back to the
@@ -28,15 +28,18 @@ import torch
 
 from ..models import cache_dir
 
-_SRC = Path(__file__).with_name("csrc") / "sparse_linear.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SRC = _CSRC / "sparse_linear.cpp"  # the one translation unit; it includes the headers beside it
 _state: dict[str, Any] = {}
 
 
 def kernel_dir() -> Path:
     """Where the compiled CPU kernel lives: under the same cache root as converted models
     (``models.cache_dir``, which honours ``ACTSCOPE_CACHE`` and ``XDG_CACHE_HOME``), in a folder
-    keyed by the source and torch version so a change of either rebuilds. Creates nothing."""
-    digest = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    keyed by the sources (every file in ``csrc/``) and torch version so a change of any rebuilds.
+    Creates nothing."""
+    sources = b"".join(path.read_bytes() for path in sorted(_CSRC.iterdir()) if path.suffix in (".cpp", ".h"))
+    digest = hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:12]
     return cache_dir() / "kernels" / f"sparse_linear-{digest}"
 
 

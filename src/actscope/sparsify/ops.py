@@ -39,7 +39,7 @@ _LIB.impl("sparse_linear", _run, "CUDA")
 
 @torch.library.register_fake("actscope::sparse_linear")
 def _shape(x, wt, bias, thresh, scale, counter):
-    return x.new_empty(x.shape[0], wt.shape[1])
+    return x.new_empty(*x.shape[:-1], wt.shape[1])  # the kernel takes x [..., in]
 
 
 def sparse_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, thresh: torch.Tensor,
