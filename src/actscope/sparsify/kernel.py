@@ -1,9 +1,8 @@
 """The sparse decode kernels: build, load, and a reference implementation they must equal.
 
-On CPU the kernel is C++ (``csrc/sparse_linear.cpp`` and the headers beside it), compiled once through
-``torch.utils.cpp_extension`` into ``~/.cache/actscope/kernels`` (``make install`` runs
-``python -m actscope.sparsify.build``, so a fresh machine pays the compile at install, not at the
-first decode). If it cannot be built (no compiler, no ninja), we warn once and fall back to the
+On CPU the kernel is C++ (``csrc/sparse_linear.cpp`` and the headers beside it), compiled once
+into the cache by ``native.load_extension`` (``make install`` runs ``python -m actscope.native``,
+so a fresh machine pays the compile at install, not at the first decode). If it cannot be built (no compiler, no ninja), we warn once and fall back to the
 masked dense computation, which gives the same numbers without the speed. On CUDA the Triton
 kernel in ``triton_kernel.py`` is used. It is tested on an H100 and, wherever Triton is
 installed, in Triton's CPU interpreter (docs/sparsify.md, "The kernels"); if it fails to compile
@@ -18,7 +17,6 @@ Contract, shared by every implementation (``x [rows, in]``, ``wt [in, out]`` the
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -26,54 +24,23 @@ from typing import Any
 
 import torch
 
-from ..models import cache_dir
+from .. import native
 
 _CSRC = Path(__file__).with_name("csrc")
-_SRC = _CSRC / "sparse_linear.cpp"  # the one translation unit; it includes the headers beside it
 _state: dict[str, Any] = {}
 
 
 def kernel_dir() -> Path:
-    """Where the compiled CPU kernel lives: under the same cache root as converted models
-    (``models.cache_dir``, which honours ``ACTSCOPE_CACHE`` and ``XDG_CACHE_HOME``), in a folder
-    keyed by the sources (every file in ``csrc/``) and torch version so a change of any rebuilds.
-    Creates nothing."""
-    sources = b"".join(path.read_bytes() for path in sorted(_CSRC.iterdir()) if path.suffix in (".cpp", ".h"))
-    digest = hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:12]
-    return cache_dir() / "kernels" / f"sparse_linear-{digest}"
-
-
-def _build_dir() -> Path:
-    """``kernel_dir()``, created: the compiler writes into it."""
-    path = kernel_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where the compiled CPU kernel lives (``native.extension_dir``). Creates nothing."""
+    return native.extension_dir("sparse_linear", _CSRC)
 
 
 def cpu_kernel(verbose: bool = False) -> Any | None:
     """The compiled CPU extension, or ``None`` (with one warning) when it cannot be built."""
-    if "cpu" in _state:
-        return _state["cpu"]
-    if os.environ.get("ACTSCOPE_NO_KERNEL"):
-        _state["cpu"] = None
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        # no -march: one build runs on every CPU of its architecture; the vector loops are
-        # compiled per instruction set inside the source and picked at run time (cpu_isa())
-        flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-        _state["cpu"] = load(
-            name="actscope_sparse_linear", sources=[str(_SRC)], extra_cflags=flags,
-            extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()), verbose=verbose,
-        )
-    except Exception as exc:  # a missing compiler must not stop the user: same numbers, no speed-up
-        warnings.warn(
-            f"actscope: the sparse CPU kernel could not be built ({type(exc).__name__}: {str(exc)[:300]}); "
-            "falling back to masked dense matmuls, which give the same outputs without the speed-up",
-            RuntimeWarning, stacklevel=2,
-        )
-        _state["cpu"] = None
+    if "cpu" not in _state:
+        _state["cpu"] = native.load_extension(
+            "sparse_linear", _CSRC, "sparse_linear.cpp", verbose=verbose,
+            without="falling back to masked dense matmuls, which give the same outputs without the speed-up")
     return _state["cpu"]
 
 

@@ -22,9 +22,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import fast
 from .accum import DistinctCount, Moments, TopK
 
 CETT_GRID = torch.arange(0.05, 1.0, 0.05)
+USE_FAST = True
+"""Take the one-pass C++ path where it applies (float32 on CPU); False: the torch ops only."""
 
 
 def hash_rows(active: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
@@ -61,6 +64,7 @@ class MlpLayerStats:
     codes: DistinctCount = field(default_factory=DistinctCount)
     cett_sum: float = 0.0
     cett_n: int = 0
+    _taus32: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.active_at = torch.zeros(len(self.taus), dtype=torch.int64)
@@ -76,6 +80,11 @@ class MlpLayerStats:
             self._update(a[start : start + 4], offset + start * a.shape[1], seq_index + start)
 
     def _update(self, a: torch.Tensor, offset: int, seq_index: int) -> None:
+        top = self.top
+        if (USE_FAST and a.dtype == torch.float32 and a.device.type == "cpu" and top.values is not None
+                and top.values.shape[0] == top.k and (kern := fast.mlp_kernel()) is not None):
+            self._update_fast(kern, a, offset, seq_index)
+            return
         B, T, D = a.shape
         flat = a.reshape(B * T, D)
         mag = flat.abs()
@@ -103,6 +112,32 @@ class MlpLayerStats:
             delta = (sub[:, 1:] - sub[:, :-1]).abs() <= self.tau
             self.delta_small += int(torch.count_nonzero(delta))
             self.n_deltas += delta.numel()
+
+    def _update_fast(self, kern, a: torch.Tensor, offset: int, seq_index: int) -> None:
+        """``_update``'s torch passes but the moments, in one C++ pass (stats/fast.py)."""
+        B, T, D = a.shape
+        profiled = [(seq_index + b) % self.profile_every == 0 for b in range(B)]
+        top = self.top
+        top.values, top.index = top.values.contiguous(), top.index.contiguous()
+        if self._taus32 is None:
+            self._taus32 = torch.tensor(self.taus, dtype=torch.float32)
+        hashes, counts = kern.mlp_pass(a.reshape(B * T, D), self.tau, T, self.chunk, self._taus32,
+                                       torch.tensor(profiled, dtype=torch.uint8), self.salt, self.neuron_active,
+                                       top.values, top.index, offset)
+        chunks, small, *at_tau = counts.tolist()
+        self.n_tokens += B * T
+        self.active_chunks += chunks
+        self.n_chunks += B * (T // self.chunk)
+        self.codes.update(hashes)
+        n_prof = sum(profiled)
+        if n_prof:
+            self.moments.update(a[torch.tensor(profiled)].reshape(-1, D) if n_prof > 1 else
+                                a[profiled.index(True)])
+            self.active_at += torch.tensor(at_tau)
+            self.profiled_tokens += n_prof * T
+            if T > 1:
+                self.delta_small += small
+                self.n_deltas += n_prof * (T - 1) * D
 
     def update_cett(self, a: torch.Tensor, down: Callable[[torch.Tensor], torch.Tensor], bound: float) -> None:
         """CETT sparsity on sampled tokens ``a`` ``[n, d_ff]`` (one batched call to ``down``)."""

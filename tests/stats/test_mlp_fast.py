@@ -1,0 +1,79 @@
+"""The scan's one-pass C++ MLP statistics equal its torch ops exactly: counts, chunk unions,
+code hashes, the per-neuron top-k with token indices, tau counts and deltas on the profiled
+sequences, and the moments, over batches of several shapes, with values on the threshold and NaNs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actscope.stats import fast
+from actscope.stats import mlp as mlp_mod
+
+
+def _stats(use_fast: bool, batches, monkeypatch, **kw) -> mlp_mod.MlpLayerStats:
+    monkeypatch.setattr(mlp_mod, "USE_FAST", use_fast)
+    st = mlp_mod.MlpLayerStats(kw.pop("d"), (0.0, 0.01, 0.05, 0.1), 0.1, **kw)
+    offset = seq = 0
+    for a in batches:
+        st.update(a, offset, seq)
+        offset += a.shape[0] * a.shape[1]
+        seq += a.shape[0]
+    return st
+
+
+@pytest.mark.parametrize("d,seq_len,chunk,profile_every", [(200, 37, 8, 4), (64, 16, 4, 1), (130, 9, 16, 3)])
+def test_one_pass_equals_the_torch_ops(monkeypatch, d, seq_len, chunk, profile_every):
+    if fast.mlp_kernel() is None:
+        pytest.skip("no C++ compiler here: the scan keeps its torch path")
+    g = torch.Generator().manual_seed(d)
+    batches = []
+    for i in range(6):
+        a = torch.randn(6 - i % 2, seq_len, d, generator=g) * torch.rand(d, generator=g)
+        a[a.abs() < 0.3] = 0.0  # exact zeros, as ReLU models give
+        a[0, 3, :10] = 0.1  # float32(0.1) > 0.1 is false in float32, true in float64
+        a[1, 2, 5] = float("nan") if i == 4 else 50.0 + i  # a NaN, and new maxima for the top-k
+        batches.append(a)
+    kw = dict(d=d, chunk=chunk, topk=5, profile_every=profile_every)
+    got, want = _stats(True, batches, monkeypatch, **kw), _stats(False, batches, monkeypatch, **kw)
+    for name in ("n_tokens", "profiled_tokens", "active_chunks", "n_chunks", "delta_small", "n_deltas"):
+        assert getattr(got, name) == getattr(want, name), name
+    assert torch.equal(got.neuron_active, want.neuron_active)
+    assert torch.equal(got.active_at, want.active_at)
+    assert torch.equal(got.top.values, want.top.values) and torch.equal(got.top.index, want.top.index)
+    assert torch.equal(got.codes.registers, want.codes.registers)
+    for name in ("mean", "m2", "m3", "m4"):  # a profiled NaN makes its neuron's moments NaN on both paths
+        torch.testing.assert_close(getattr(got.moments, name), getattr(want.moments, name), rtol=0, atol=0,
+                                   equal_nan=True)
+    assert got.summary(1e-4) == want.summary(1e-4)
+
+
+def test_the_pass_refuses_bad_arguments_in_one_line():
+    kern = fast.mlp_kernel()
+    if kern is None:
+        pytest.skip("no C++ compiler here: the scan keeps its torch path")
+    a, taus = torch.randn(10, 64), torch.tensor([0.0])
+    top_v, top_i = torch.zeros(5, 64), torch.zeros(5, 64, dtype=torch.int64)
+    args = [a, 0.1, 5, 4, taus, torch.ones(2, dtype=torch.uint8), torch.ones(1, dtype=torch.int64),
+            torch.zeros(64, dtype=torch.int64), top_v, top_i, 0]
+    with pytest.raises(RuntimeError, match="multiple of seq_len"):
+        kern.mlp_pass(*[a[:9]] + args[1:])
+    with pytest.raises(RuntimeError, match="neuron_active int64"):
+        kern.mlp_pass(*args[:7] + [torch.zeros(63, dtype=torch.int64)] + args[8:])
+    with pytest.raises(RuntimeError, match="a \\[n, d\\] float32"):
+        kern.mlp_pass(*[a.double()] + args[1:])
+
+
+def test_without_a_compiler_the_torch_path_serves(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(fast, "_state", {})
+    monkeypatch.setattr(cpp, "load", broken)
+    with pytest.warns(RuntimeWarning, match="mlp_pass could not be built.*no compiler.*torch ops"):
+        assert fast.mlp_kernel() is None
+    a = torch.randn(2, 8, 64)
+    st = _stats(True, [a, a], monkeypatch, d=64)  # falls back without a second warning
+    assert st.n_tokens == 32 and int(st.neuron_active.sum()) == 2 * int((a.abs() > 0.1).sum())
