@@ -12,8 +12,8 @@ Methods over the same batches of 8 x 128 tokens of the default corpus on the def
 - scan:             actscope.scan with attention patterns (end to end: tokenizing, the pass,
                     layer-skip and logit-lens extras, building the report)
 - scan-no-patterns: actscope.scan(patterns=False)
-- scan-no-patterns-torch-mlp: the same with the MLP statistics in torch ops instead of the one
-                    C++ pass (stats/fast.py), to measure what that pass saves
+- scan-no-patterns-torch: the same with every statistic in torch ops instead of the C++ passes
+                    (stats/fast.py), to measure what those passes save
 
 Each round runs every method once, alternating the order; ratios are taken within a round and
 the median over rounds is reported.
@@ -43,15 +43,15 @@ def plain(model, batches, **kwargs) -> None:
             model(input_ids=b, use_cache=False, **kwargs)
 
 
-def torch_mlp_scan(model, tok, n_tokens: int) -> None:
-    """The scan without patterns, its MLP statistics in torch ops (``stats.mlp.USE_FAST = False``)."""
-    from actscope.stats import mlp
+def torch_scan(model, tok, n_tokens: int) -> None:
+    """The scan without patterns, its statistics in torch ops (``stats.fast.USE_FAST = False``)."""
+    from actscope.stats import fast
 
-    mlp.USE_FAST = False
+    fast.USE_FAST = False
     try:
         actscope.scan(model, tok, None, max_tokens=n_tokens, patterns=False, progress=False)
     finally:
-        mlp.USE_FAST = True
+        fast.USE_FAST = True
 
 
 def peak_child(n_tokens: int) -> None:
@@ -84,7 +84,7 @@ def main() -> None:
         "plain-no-logits": lambda: plain(model, batches, logits_to_keep=1),
         "scan": lambda: actscope.scan(model, tok, None, max_tokens=args.tokens, progress=False),
         "scan-no-patterns": lambda: actscope.scan(model, tok, None, max_tokens=args.tokens, patterns=False, progress=False),
-        "scan-no-patterns-torch-mlp": lambda: torch_mlp_scan(model, tok, args.tokens),
+        "scan-no-patterns-torch": lambda: torch_scan(model, tok, args.tokens),
     }
     plain(model, batches[:1])
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -100,7 +100,7 @@ def main() -> None:
     print("|---|---|---|---|")
     rows = {}
     pairs = [(m, "plain") for m in methods] + [("scan", "plain-eager"), ("scan-no-patterns", "plain-no-logits"),
-                                               ("scan-no-patterns-torch-mlp", "plain-no-logits")]
+                                               ("scan-no-patterns-torch", "plain-no-logits")]
     for name, ref in pairs:
         per = [a / b for a, b in zip(times[ref], times[name])]
         tps = n / statistics.median(times[name])

@@ -1,6 +1,6 @@
 """Our C++ extensions: compiled once, cached, loaded; or ``None`` with one warning.
 
-Two live in the tree: the sparse decode kernel (``sparsify/csrc``) and the scan's one-pass MLP
+Two live in the tree: the sparse decode kernel (``sparsify/csrc``) and the scan's one-pass
 statistics (``stats/csrc``). Each is built by ``torch.utils.cpp_extension`` into
 ``<cache>/kernels/<name>-<digest>`` (the cache root of ``models.cache_dir``, which honours
 ``ACTSCOPE_CACHE`` and ``XDG_CACHE_HOME``), the digest covering every source file and torch's
@@ -53,9 +53,9 @@ def load_extension(name: str, csrc: Path, main: str, without: str, verbose: bool
 
 if __name__ == "__main__":
     from .sparsify.kernel import cpu_kernel, kernel_dir
-    from .stats.fast import mlp_kernel, mlp_kernel_dir
+    from .stats.fast import scan_kernel, scan_kernel_dir
 
     for what, kern, where in (("sparse CPU kernel", cpu_kernel, kernel_dir),
-                              ("scan's MLP pass", mlp_kernel, mlp_kernel_dir)):
+                              ("scan's passes", scan_kernel, scan_kernel_dir)):
         ok = kern() is not None
         print(f"actscope {what}: {'built' if ok else 'NOT built (fallback: torch ops)'} in {where()}")

@@ -26,8 +26,6 @@ from . import fast
 from .accum import DistinctCount, Moments, TopK
 
 CETT_GRID = torch.arange(0.05, 1.0, 0.05)
-USE_FAST = True
-"""Take the one-pass C++ path where it applies (float32 on CPU); False: the torch ops only."""
 
 
 def hash_rows(active: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
@@ -81,8 +79,7 @@ class MlpLayerStats:
 
     def _update(self, a: torch.Tensor, offset: int, seq_index: int) -> None:
         top = self.top
-        if (USE_FAST and a.dtype == torch.float32 and a.device.type == "cpu" and top.values is not None
-                and top.values.shape[0] == top.k and (kern := fast.mlp_kernel()) is not None):
+        if top.values is not None and top.values.shape[0] == top.k and (kern := fast.kernel_for(a)) is not None:
             self._update_fast(kern, a, offset, seq_index)
             return
         B, T, D = a.shape

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fast
 from .accum import QuantileSketch, Sum
+
+_EMPTY = torch.empty(0)
 
 
 @dataclass
@@ -35,10 +38,16 @@ class MassiveTracker:
         # prefilter with half the ratio bound on the running median; the final filter uses
         # the corpus-wide median
         bound = max(self.abs_threshold, 0.5 * self.ratio_threshold * sketch.quantile(0.5))
-        hits = (h.abs() > bound).nonzero()
+        if (kern := fast.kernel_for(h)) is not None:  # one pass, no [batch, seq, d] temporaries
+            flat = kern.above(h, bound)
+            values = h.reshape(-1)[flat]
+            T, D = h.shape[1], h.shape[2]
+            hits = torch.stack([flat // (T * D), flat // D % T, flat % D], 1)
+        else:
+            hits = (h.abs() > bound).nonzero()
+            values = h[hits[:, 0], hits[:, 1], hits[:, 2]]
         if hits.numel() == 0:
             return
-        values = h[hits[:, 0], hits[:, 1], hits[:, 2]]
         for (b, pos, dim), value in zip(hits.tolist(), values.tolist()):
             key = (layer, dim, pos)
             g = self.groups.get(key)
@@ -101,6 +110,16 @@ class LayerUse:
     def update(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor,
                attn_out: torch.Tensor | None, mlp_out: torch.Tensor | None, parallel: bool) -> None:
         n = h_in.shape[0] * h_in.shape[1]
+        if (kern := fast.kernel_for(h_in, h_out, attn_out, mlp_out)) is not None:  # one pass, float64 sums
+            d = h_in.shape[-1]
+            flat = [t.reshape(n, d) if t is not None else _EMPTY for t in (h_in, h_out, attn_out, mlp_out)]
+            rel, cos_attn, cos_mlp = kern.layer_use(*flat, parallel).tolist()
+            self.rel_update[layer].update(rel, n)
+            if attn_out is not None:
+                self.cos_attn[layer].update(cos_attn, n)
+            if mlp_out is not None:
+                self.cos_mlp[layer].update(cos_mlp, n)
+            return
         in_norm = h_in.norm(dim=-1).clamp_min(1e-12)
         self.rel_update[layer].update(float(((h_out - h_in).norm(dim=-1) / in_norm).sum()), n)
         if attn_out is not None:

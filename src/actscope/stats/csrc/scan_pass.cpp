@@ -1,5 +1,8 @@
-// One pass over a batch of MLP activations for the scan's per-layer statistics (stats/mlp.py).
+// The scan's per-batch statistics in single passes over the activations (stats/fast.py):
+// `mlp_pass` for the MLP statistics (stats/mlp.py), `layer_use` and `above` for the residual
+// stream's (stats/residual.py).
 //
+// mlp_pass:
 // The torch version makes about ten passes over the same [tokens, d_ff] block (absolute value,
 // compare, per-neuron count, chunk union, bit packing, the top-k's maximum and gather, and the
 // profiled sequences' tau counts and deltas), each with its own temporary; on the default model
@@ -135,6 +138,77 @@ std::vector<torch::Tensor> mlp_pass(torch::Tensor a, double tau, int64_t seq_len
   return {hash_terms.sum(1), per_word.sum(0)};  // int64 sums wrap like the uint64 ones
 }
 
+// Sums over the rows of h_in and h_out [n, d] (attn and mlp [n, d] when not empty), in double:
+//   ||h_out - h_in|| / max(||h_in||, 1e-12),   cos(attn, h_in),   cos(mlp, mid)
+// with mid = h_in for a parallel block (or no attn), else h_in + attn, and
+// cos(x, y) = x.y / (max(||x||, 1e-8) max(||y||, 1e-8)), torch's cosine_similarity. One read of
+// each tensor where torch's ops make about a dozen passes and temporaries. Each row's terms are
+// summed in row order, so the result does not depend on the thread count.
+torch::Tensor layer_use(torch::Tensor h_in, torch::Tensor h_out, torch::Tensor attn, torch::Tensor mlp, bool parallel) {
+  const auto ok = [&](const torch::Tensor& t) {
+    return t.dim() == 2 && t.sizes() == h_in.sizes() && t.scalar_type() == torch::kFloat32 && t.device().is_cpu();
+  };
+  TORCH_CHECK(ok(h_in) && ok(h_out) && (!attn.numel() || ok(attn)) && (!mlp.numel() || ok(mlp)),
+              "layer_use: float32 CPU tensors [n, d] of one shape");
+  h_in = h_in.contiguous();
+  h_out = h_out.contiguous();
+  attn = attn.contiguous();
+  mlp = mlp.contiguous();
+  const int64_t n = h_in.size(0), d = h_in.size(1);
+  const float *pi = h_in.data_ptr<float>(), *po = h_out.data_ptr<float>();
+  const float* pa = attn.numel() ? attn.data_ptr<float>() : nullptr;
+  const float* pm = mlp.numel() ? mlp.data_ptr<float>() : nullptr;
+  std::vector<double> rows(n * 3, 0.0);
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *x = pi + r * d, *y = po + r * d;
+      double xx = 0, dd = 0, aa = 0, ax = 0, mm = 0, mz = 0, zz = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        const double xi = x[j], di = static_cast<double>(y[j]) - xi;
+        xx += xi * xi;
+        dd += di * di;
+        double z = xi;
+        if (pa) {
+          const double a = pa[r * d + j];
+          aa += a * a;
+          ax += a * xi;
+          if (!parallel) z += a;
+        }
+        if (pm) {
+          const double m = pm[r * d + j];
+          mm += m * m;
+          mz += m * z;
+          zz += z * z;
+        }
+      }
+      const double nx = std::sqrt(xx);
+      rows[r * 3] = std::sqrt(dd) / std::max(nx, 1e-12);
+      if (pa) rows[r * 3 + 1] = ax / (std::max(std::sqrt(aa), 1e-8) * std::max(nx, 1e-8));
+      if (pm) rows[r * 3 + 2] = mz / (std::max(std::sqrt(mm), 1e-8) * std::max(std::sqrt(zz), 1e-8));
+    }
+  });
+  auto out = torch::zeros({3}, torch::kFloat64);
+  double* o = out.data_ptr<double>();
+  for (int64_t r = 0; r < n; ++r)
+    for (int q = 0; q < 3; ++q) o[q] += rows[r * 3 + q];
+  return out;
+}
+
+// The flat indices, in order, of the entries of h with |h| > bound (compared in float32, as
+// torch compares a float32 tensor with a Python float): the massive-activation candidates.
+torch::Tensor above(torch::Tensor h, double bound) {
+  TORCH_CHECK(h.scalar_type() == torch::kFloat32 && h.device().is_cpu(), "above: a float32 CPU tensor");
+  h = h.contiguous();
+  const float* p = h.data_ptr<float>();
+  const float b = static_cast<float>(bound);
+  std::vector<int64_t> hits;
+  for (int64_t i = 0, n = h.numel(); i < n; ++i)
+    if (std::fabs(p[i]) > b) hits.push_back(i);
+  return torch::tensor(hits, torch::kInt64);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp_pass", &mlp_pass, "the scan's per-layer MLP statistics in one pass (stats/mlp.py)");
+  m.def("layer_use", &layer_use, "sums of relative update and cosines over rows (stats/residual.py)");
+  m.def("above", &above, "flat indices of |h| > bound (stats/residual.py)");
 }

@@ -12,7 +12,7 @@ from actscope.stats import mlp as mlp_mod
 
 
 def _stats(use_fast: bool, batches, monkeypatch, **kw) -> mlp_mod.MlpLayerStats:
-    monkeypatch.setattr(mlp_mod, "USE_FAST", use_fast)
+    monkeypatch.setattr(fast, "USE_FAST", use_fast)
     st = mlp_mod.MlpLayerStats(kw.pop("d"), (0.0, 0.01, 0.05, 0.1), 0.1, **kw)
     offset = seq = 0
     for a in batches:
@@ -24,7 +24,7 @@ def _stats(use_fast: bool, batches, monkeypatch, **kw) -> mlp_mod.MlpLayerStats:
 
 @pytest.mark.parametrize("d,seq_len,chunk,profile_every", [(200, 37, 8, 4), (64, 16, 4, 1), (130, 9, 16, 3)])
 def test_one_pass_equals_the_torch_ops(monkeypatch, d, seq_len, chunk, profile_every):
-    if fast.mlp_kernel() is None:
+    if fast.scan_kernel() is None:
         pytest.skip("no C++ compiler here: the scan keeps its torch path")
     g = torch.Generator().manual_seed(d)
     batches = []
@@ -49,7 +49,7 @@ def test_one_pass_equals_the_torch_ops(monkeypatch, d, seq_len, chunk, profile_e
 
 
 def test_the_pass_refuses_bad_arguments_in_one_line():
-    kern = fast.mlp_kernel()
+    kern = fast.scan_kernel()
     if kern is None:
         pytest.skip("no C++ compiler here: the scan keeps its torch path")
     a, taus = torch.randn(10, 64), torch.tensor([0.0])
@@ -72,8 +72,41 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch):
 
     monkeypatch.setattr(fast, "_state", {})
     monkeypatch.setattr(cpp, "load", broken)
-    with pytest.warns(RuntimeWarning, match="mlp_pass could not be built.*no compiler.*torch ops"):
-        assert fast.mlp_kernel() is None
+    with pytest.warns(RuntimeWarning, match="scan_pass could not be built.*no compiler.*torch ops"):
+        assert fast.scan_kernel() is None
     a = torch.randn(2, 8, 64)
     st = _stats(True, [a, a], monkeypatch, d=64)  # falls back without a second warning
     assert st.n_tokens == 32 and int(st.neuron_active.sum()) == 2 * int((a.abs() > 0.1).sum())
+
+
+@pytest.mark.parametrize("parallel,with_attn,with_mlp", [(False, True, True), (True, True, True), (False, False, True),
+                                                         (False, True, False)])
+def test_layer_use_and_massive_candidates_equal_the_torch_ops(monkeypatch, parallel, with_attn, with_mlp):
+    """Relative update and cosines (summed in float64 by the pass, so equal to float32 rounding),
+    and the massive-activation candidates with their positions (exactly)."""
+    from actscope.stats.residual import LayerUse, MassiveTracker
+
+    if fast.scan_kernel() is None:
+        pytest.skip("no C++ compiler here: the scan keeps its torch path")
+    g = torch.Generator().manual_seed(5)
+    h_in, attn, mlp = (torch.randn(3, 7, 48, generator=g) for _ in range(3))
+    h_in[0, 0] = 0.0  # a zero residual: the clamped norms
+    attn[1, 1] = 0.0
+    h_out = h_in + attn + mlp
+    h_out[0, 0, 3], h_out[2, 6, 47], h_out[1, 2, 0] = 900.0, -1e4, 200.0  # candidates above the bound
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    results = {}
+    for use_fast in (True, False):
+        monkeypatch.setattr(fast, "USE_FAST", use_fast)
+        use, massive = LayerUse(2), MassiveTracker(abs_threshold=150.0, ratio_threshold=10.0)
+        for layer in range(2):
+            use.update(layer, h_in, h_out, attn if with_attn else None, mlp if with_mlp else None, parallel)
+            massive.update(layer, h_out, ids, offset=100)
+        results[use_fast] = (use.results(), massive.groups)
+    (use_fast, groups_fast), (use_torch, groups_torch) = results[True], results[False]
+    assert groups_fast == groups_torch and len(groups_fast) == 6
+    for a, b in zip(use_fast, use_torch, strict=True):
+        for key in ("relative_update", "cos_attn_to_residual", "cos_mlp_to_residual"):
+            assert (a[key] is None) == (b[key] is None), key
+            if a[key] is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
