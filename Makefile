@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) requirements/sync.py $(LOCK)
 	$(PIP) install --no-deps --no-build-isolation -e .
-	$(PY) -m actscope.native  # compiles the C++ extensions now (sparse kernel, scan pass), not at first use
+	$(PY) -m actscope.build  # compiles the C++ extensions now (sparse kernel, scan pass), not at first use
 	touch $(STAMP)
 
 demo: install
@@ -60,7 +60,7 @@ test-latest: browser
 	.venv-latest/bin/python -m pip -q --disable-pip-version-check install torch==2.13.0
 	.venv-latest/bin/python -m pip -q --disable-pip-version-check install --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
 	sed -e 's/==.*//' $(PEERS) | .venv-latest/bin/python -m pip -q --disable-pip-version-check install --upgrade --no-deps -r /dev/stdin
-	.venv-latest/bin/python -m actscope.native
+	.venv-latest/bin/python -m actscope.build
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|numpy|accelerate|safetensors|nnsight|triton)=='
 	.venv-latest/bin/python -m pytest -q tests
 

@@ -75,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(2)
     kern = cpu_kernel()
     if kern is None:
-        raise SystemExit("the C++ kernel is not built (python -m actscope.native)")
+        raise SystemExit("the C++ kernel is not built (python -m actscope.build)")
     isas = args.isas.split(",") if args.isas else [i for i in kern.supported_isas() if i != "scalar"]
     print(f"CPU: {cpu_name()}; kernel paths {kern.supported_isas()}, default {kern.isa()}; "
           f"threads {torch.get_num_threads()}; torch {torch.__version__}")

@@ -4,7 +4,7 @@ Two live in the tree: the sparse decode kernel (``sparsify/csrc``) and the scan'
 statistics (``stats/csrc``). Each is built by ``torch.utils.cpp_extension`` into
 ``<cache>/kernels/<name>-<digest>`` (the cache root of ``models.cache_dir``, which honours
 ``ACTSCOPE_CACHE`` and ``XDG_CACHE_HOME``), the digest covering every source file and torch's
-version, so a change of either rebuilds. ``make install`` runs ``python -m actscope.native``, so a
+version, so a change of either rebuilds. ``make install`` runs ``python -m actscope.build``, so a
 fresh machine pays the compile at install, not at first use. Without a compiler, or with
 ``ACTSCOPE_NO_KERNEL`` set, callers take their torch path, which gives the same numbers.
 """
@@ -50,12 +50,3 @@ def load_extension(name: str, csrc: Path, main: str, without: str, verbose: bool
                       f"{str(exc)[:300]}); {without}", RuntimeWarning, stacklevel=3)
         return None
 
-
-if __name__ == "__main__":
-    from .sparsify.kernel import cpu_kernel, kernel_dir
-    from .stats.fast import scan_kernel, scan_kernel_dir
-
-    for what, kern, where in (("sparse CPU kernel", cpu_kernel, kernel_dir),
-                              ("scan's passes", scan_kernel, scan_kernel_dir)):
-        ok = kern() is not None
-        print(f"actscope {what}: {'built' if ok else 'NOT built (fallback: torch ops)'} in {where()}")

@@ -1,7 +1,7 @@
 """The sparse decode kernels: build, load, and a reference implementation they must equal.
 
 On CPU the kernel is C++ (``csrc/sparse_linear.cpp`` and the headers beside it), compiled once
-into the cache by ``native.load_extension`` (``make install`` runs ``python -m actscope.native``,
+into the cache by ``native.load_extension`` (``make install`` runs ``python -m actscope.build``,
 so a fresh machine pays the compile at install, not at the first decode). If it cannot be built (no compiler, no ninja), we warn once and fall back to the
 masked dense computation, which gives the same numbers without the speed. On CUDA the Triton
 kernel in ``triton_kernel.py`` is used. It is tested on an H100 and, wherever Triton is
