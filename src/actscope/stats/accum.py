@@ -198,7 +198,10 @@ class TopK:
         x = x.detach().float()
         k = min(self.k, x.shape[0])
         if self.values is not None and self.values.shape[0] == self.k and x.dim() == 2:
-            # fast path: only channels whose batch maximum beats their current k-th value
+            # fast path: only channels whose batch maximum beats their current k-th value. A NaN
+            # counts as -inf here, so it cannot hide a channel's other values (nor enter a full
+            # top-k): the same rule as the scan's C++ pass
+            x = torch.where(x.isnan(), float("-inf"), x)
             cols = (x.amax(0) > self.values[-1]).nonzero().reshape(-1)
             if cols.numel() == 0:
                 return

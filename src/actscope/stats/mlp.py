@@ -62,7 +62,7 @@ class MlpLayerStats:
     codes: DistinctCount = field(default_factory=DistinctCount)
     cett_sum: float = 0.0
     cett_n: int = 0
-    _taus32: torch.Tensor | None = None
+    _taus32: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.active_at = torch.zeros(len(self.taus), dtype=torch.int64)

@@ -16,12 +16,14 @@
 //   chunks           += sum over full chunks of `chunk` tokens of |union of their active sets|
 //   for the profiled sequences: at_tau[j] += #{|a| > taus[j]}, delta_small += #{|a_t - a_{t-1}| <= tau}
 //   top-k per neuron: a value above the neuron's k-th largest (strictly) is inserted in order,
-//                     with its global token index (a NaN is never inserted)
+//                     with its global token index (a NaN is never inserted); among equal values
+//                     the earlier token stays first, where torch.topk leaves the order open, so
+//                     the indices of tied values may differ from the torch path's
 //
 // Columns are cut into ranges of 64-column words, one range per thread; each word's counts and
 // hash terms are kept apart and summed in word order afterwards, so any thread count gives the
 // same integers. Nothing is compiled with -march: GCC vectorises the plain loops for the build's
-// baseline, and `target_clones` adds AVX2 and AVX-512 versions picked at load from cpuid.
+// baseline, and on x86-64 `target_clones` adds AVX2 and AVX-512 versions picked at load from cpuid.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -56,7 +58,13 @@ void insert(const Args& g, int64_t col, float v, int64_t token) {
   g.top_i[p * g.d + col] = token;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ACTSCOPE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ACTSCOPE_CLONES
+#endif
+
+ACTSCOPE_CLONES
 void word_range(const Args& g, int64_t w0, int64_t w1) {
   const int64_t stride = 2 + g.n_taus;
   std::vector<uint64_t> uni(w1 - w0, 0);
