@@ -111,7 +111,7 @@ class MlpLayerStats:
             self.n_deltas += delta.numel()
 
     def _update_fast(self, kern, a: torch.Tensor, offset: int, seq_index: int) -> None:
-        """``_update``'s torch passes but the moments, in one C++ pass (stats/fast.py)."""
+        """What ``_update`` computes, all but the moments in one C++ pass (stats/fast.py)."""
         B, T, D = a.shape
         profiled = [(seq_index + b) % self.profile_every == 0 for b in range(B)]
         top = self.top
@@ -128,8 +128,7 @@ class MlpLayerStats:
         self.codes.update(hashes)
         n_prof = sum(profiled)
         if n_prof:
-            self.moments.update(a[torch.tensor(profiled)].reshape(-1, D) if n_prof > 1 else
-                                a[profiled.index(True)])
+            self.moments.update(a[torch.tensor(profiled)].reshape(-1, D))  # the torch path's rows, in order
             self.active_at += torch.tensor(at_tau)
             self.profiled_tokens += n_prof * T
             if T > 1:
