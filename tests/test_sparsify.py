@@ -105,6 +105,7 @@ def test_weights_stored_once_inside_apply_and_restored_exactly(llama, method, in
     before = {k: v.clone() for k, v in llama.state_dict().items()}
     strides = {k: v.stride() for k, v in llama.state_dict().items()}
     params = {k: id(v) for k, v in llama.named_parameters()}
+    addresses = {k: v.data_ptr() for k, v in llama.named_parameters()}
     dense_bytes = _storage_bytes(llama)
     ids = torch.randint(3, VOCAB, (1, 5))
     ctx = torch.inference_mode() if inference else torch.no_grad()
@@ -118,12 +119,16 @@ def test_weights_stored_once_inside_apply_and_restored_exactly(llama, method, in
                 assert m._wt.is_contiguous() and m._wt.data_ptr() == m.weight.data_ptr()
         if method == "teal":
             assert sum(m.group is not None for m in handle.modules.values()) == 5 * len(llama.model.layers)
+        alone = [f"{path}.weight" for path, m in handle.modules.items() if m.group is None]
+        assert alone and all(llama.get_parameter(k).data_ptr() == addresses[k] for k in alone)  # W^T in place
         state = llama.state_dict()
         assert all(torch.equal(state[k], before[k]) for k in before)  # same values, transposed views
         out = llama(ids, use_cache=True)  # prefill: the dense path on the views
         llama(ids[:, -1:], **with_cache(output_cache(out)), use_cache=True)  # a decode step: the kernel
     after = llama.state_dict()
     assert {k: id(v) for k, v in llama.named_parameters()} == params  # the same Parameter objects
+    # a weight not grouped kept its storage throughout (a CUDA graph captured before apply stays valid)
+    assert all(llama.get_parameter(k).data_ptr() == addresses[k] for k in alone)
     for k, v in after.items():
         assert torch.equal(v, before[k]) and v.stride() == strides[k] and v.is_contiguous(), k
         assert not v.is_inference(), k

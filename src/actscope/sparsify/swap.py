@@ -117,18 +117,32 @@ class SparseLinear(nn.Module):
         self._stride = tuple(w.stride())
         with torch.inference_mode(False), torch.no_grad():  # normal tensors, even inside inference_mode
             wt = w.detach().t().contiguous()
+            if w.is_contiguous():  # write W^T into the weight's own storage: its address never changes
+                own = w.detach().as_strided((w.shape[1], w.shape[0]), (w.shape[0], 1))
+                own.copy_(wt)
+                wt = own
             w.data = wt.t()
         self._wt = wt
         return True
 
     def restore_layout(self) -> None:
-        """Give the weight back its original strides (values bit-identical), one copy at a time."""
+        """Give the weight back its original strides (values bit-identical), one copy at a time.
+
+        A weight that ``to_kernel_layout`` moved within its own storage goes back into that
+        storage, so its address is the one it had before ``apply``: a CUDA graph captured before
+        ``apply`` stays valid after it. (A group's members, stored side by side on CPU, get new
+        storage.)"""
         if self._stride is None:
             return
         w = self.weight
         with torch.inference_mode(False), torch.no_grad():
-            back = torch.empty_strided(w.shape, self._stride, dtype=w.dtype, device=w.device)
-            back.copy_(w.detach())
+            if self.group is None and w.t().is_contiguous():  # our own storage, as W^T: copy back into it
+                values = w.detach().contiguous()
+                back = w.detach().as_strided(w.shape, self._stride)
+                back.copy_(values)
+            else:
+                back = torch.empty_strided(w.shape, self._stride, dtype=w.dtype, device=w.device)
+                back.copy_(w.detach())
             w.data = back
         self._wt, self._stride = None, None
 
