@@ -379,3 +379,17 @@ def test_without_the_cpu_kernel_the_fallback_gives_the_same_outputs(llama, monke
     with torch.inference_mode(), apply(llama, config):
         compiled = llama(ids).logits
     assert torch.allclose(fallback, compiled, atol=1e-4)
+
+
+def test_a_strided_weight_moves_out_and_back_bit_identical():
+    """A weight that is a strided view (not contiguous) cannot take W^T in its own storage: it gets
+    new storage inside the layout change and its original strides back after, values bit-identical."""
+    lin = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        lin.weight.data = torch.randn(6, 16)[:, ::2]
+    before, stride = lin.weight.detach().clone(), lin.weight.stride()
+    sparse = SparseLinear(lin, torch.tensor([0.5]))
+    assert sparse.to_kernel_layout() and not sparse._in_place and sparse._wt.is_contiguous()
+    assert torch.equal(sparse.weight, before)
+    sparse.restore_layout()
+    assert torch.equal(lin.weight, before) and lin.weight.stride() == stride

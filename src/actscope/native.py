@@ -21,6 +21,7 @@ import torch
 
 from .models import cache_dir
 
+
 def extension_dir(name: str, csrc: Path) -> Path:
     """Where extension ``name`` built from folder ``csrc`` lives. Creates nothing."""
     sources = b"".join(p.read_bytes() for p in sorted(csrc.iterdir()) if p.suffix in (".cpp", ".h"))
@@ -49,4 +50,3 @@ def load_extension(name: str, csrc: Path, main: str, without: str, verbose: bool
         warnings.warn(f"actscope: the C++ extension {name} could not be built ({type(exc).__name__}: "
                       f"{str(exc)[:300]}); {without}", RuntimeWarning, stacklevel=3)
         return None
-

@@ -2,8 +2,8 @@
 
 On CPU the kernel is C++ (``csrc/sparse_linear.cpp`` and the headers beside it), compiled once
 into the cache by ``native.load_extension`` (``make install`` runs ``python -m actscope.build``,
-so a fresh machine pays the compile at install, not at the first decode). If it cannot be built (no compiler, no ninja), we warn once and fall back to the
-masked dense computation, which gives the same numbers without the speed. On CUDA the Triton
+so a fresh machine pays the compile at install, not at the first decode). If it cannot be built
+(no compiler, no ninja), we warn once and fall back to the masked dense computation, which gives the same numbers without the speed. On CUDA the Triton
 kernel in ``triton_kernel.py`` is used. It is tested on an H100 and, wherever Triton is
 installed, in Triton's CPU interpreter (docs/sparsify.md, "The kernels"); if it fails to compile
 or launch on some other GPU or Triton version, the same fallback applies.

@@ -84,6 +84,7 @@ class SparseLinear(nn.Module):
         self.counter = torch.zeros(2, dtype=torch.int64, device=dev)  # kept inputs, all inputs
         self._wt: torch.Tensor | None = None
         self._stride: tuple[int, ...] | None = None  # the weight's strides before to_kernel_layout()
+        self._in_place = False  # whether to_kernel_layout() wrote W^T into the weight's own storage
         self.original = [linear]  # a list, so the original is not registered as a child module
         self._cpu = None  # the compiled kernel, bound once on CPU so decoding skips the dispatch
         self._wt_dtype: torch.dtype | None = None
@@ -117,7 +118,8 @@ class SparseLinear(nn.Module):
         self._stride = tuple(w.stride())
         with torch.inference_mode(False), torch.no_grad():  # normal tensors, even inside inference_mode
             wt = w.detach().t().contiguous()
-            if w.is_contiguous():  # write W^T into the weight's own storage: its address never changes
+            self._in_place = w.is_contiguous()
+            if self._in_place:  # write W^T into the weight's own storage: its address never changes
                 own = w.detach().as_strided((w.shape[1], w.shape[0]), (w.shape[0], 1))
                 own.copy_(wt)
                 wt = own
@@ -136,7 +138,7 @@ class SparseLinear(nn.Module):
             return
         w = self.weight
         with torch.inference_mode(False), torch.no_grad():
-            if self.group is None and w.t().is_contiguous():  # our own storage, as W^T: copy back into it
+            if self._in_place:  # the weight's own storage, as W^T: copy it back into that storage
                 values = w.detach().contiguous()
                 back = w.detach().as_strided(w.shape, self._stride)
                 back.copy_(values)
