@@ -24,6 +24,12 @@ shape, batch 1 and 4): TEAL at 25/40/50/70% with CUDA graphs, no eager rows, eve
 with the gather-first Triton kernel (``ACTSCOPE_TRITON_GATHER``) at 50%; with ``--compile`` the
 compiled CUDA-graph step at 50% (dense and sparse compiled alike). The kernel table then also
 times the gather-first kernel. ``--batches`` decodes several sequences at once.
+
+``--variants`` names the decode variants to run, each against dense in the same run: words
+joined by ``+`` from graph, eager, compiled, gather, one-launch, mask (the fused mask) and tuned
+(tiles from ``--tiles``, the JSON ``bench/sparsify_gpu_tune.py`` writes), with ``@B`` to run one
+at batch size B only; e.g. ``graph,one-launch+tuned,gather+one-launch+tuned@1``.
+``--dry-run`` runs the decode loop on CPU with a tiny model, to check this script without a GPU.
 """
 
 from __future__ import annotations
@@ -38,12 +44,16 @@ import torch
 import torch.nn.functional as F
 
 SPARSITIES = (0.25, 0.4, 0.5, 0.7)
+DEFAULT_TILES: list[dict] = [{}, {}]  # the kernel's own tiles, read at start
+DEVICE = "cuda"  # "cpu" for --dry-run
 CONFIGS = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
                          max_position_embeddings=8192),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,  # --dry-run
+                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, max_position_embeddings=512),
     "llama-8b-shape": dict(  # also bench/sparsify.py's --shape llama-8b
-hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                            max_position_embeddings=8192),
 }
@@ -96,22 +106,57 @@ def build(name: str) -> torch.nn.Module:
 
     cfg = LlamaConfig(**CONFIGS[name])
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.eval()
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def decode_rate(dec, prompt: torch.Tensor, n_new: int) -> float:
     """Tokens/s of one greedy continuation (prefill included) with a ready ``StaticDecoder``."""
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     dec.generate(prompt, n_new)
-    torch.cuda.synchronize()
+    sync()
     return n_new / (time.perf_counter() - start)
 
 
-def decode_table(names: list[str], quick: bool, compile: bool = False, batches: tuple[int, ...] = (1,),
-                 sweep: bool = False) -> list[dict]:
+VARIANT_WORDS = {"graph", "eager", "compiled", "gather", "one-launch", "mask", "tuned"}
+
+
+def parse_variants(spec: str) -> list[tuple[str, set[str], int | None]]:
+    """``"graph,one-launch+tuned,gather+one-launch@1"``: (label, words, only this batch or None)."""
+    out = []
+    for item in spec.split(","):
+        label, _, batch = item.partition("@")
+        words = set(label.split("+"))
+        if words - VARIANT_WORDS:
+            raise SystemExit(f"unknown variant words {sorted(words - VARIANT_WORDS)}; known: {sorted(VARIANT_WORDS)}")
+        out.append((label, words, int(batch) if batch else None))
+    return out
+
+
+def use_variant(words: set[str], tiles: dict | None) -> None:
+    """Set the Triton kernel's module flags and tiles for one decode variant (tk's defaults first)."""
+    from actscope.sparsify import triton_kernel as tk
+
+    tk.set_tiles(gemv=DEFAULT_TILES[0], dot=DEFAULT_TILES[1])
+    tk.GATHER, tk.ONE_LAUNCH, tk.FUSED_MASK = "gather" in words, "one-launch" in words, "mask" in words
+    if "tuned" in words:
+        if not tiles:
+            raise SystemExit("a 'tuned' variant needs --tiles (bench/sparsify_gpu_tune.py writes the file)")
+        tk.set_tiles(gemv=tiles.get("GEMV"), dot=tiles.get("DOT"))
+        if "gather" in words and tiles.get("gather_split_per_sm"):
+            tk.set_tiles(gemv=dict(SPLIT_PER_SM=tiles["gather_split_per_sm"]))
+
+
+def decode_table(names: list[str], quick: bool, variants: list, batches: tuple[int, ...] = (1,),
+                 sparsities: tuple[float, ...] = SPARSITIES, methods: tuple[str, ...] = ("teal", "wina"),
+                 n_new: int = 128, tiles: dict | None = None) -> list[dict]:
     from actscope.data import TokenBatches
     from actscope.sparsify import StaticDecoder, apply, calibrate
 
@@ -123,29 +168,23 @@ def decode_table(names: list[str], quick: bool, compile: bool = False, batches: 
         n_cal = 2 if "8b" in name else 8
         ids = torch.randint(0, vocab, (n_cal, 128), generator=gen)
         cal = TokenBatches(ids, torch.zeros_like(ids, dtype=torch.int32), "random tokens")
-        n_new = 32 if quick or sweep else 128
+        n_new = 32 if quick else n_new
         plan = []
-        for method in ("teal",) if sweep else ("teal", "wina"):
-            for s in SPARSITIES[2:3] if quick else SPARSITIES:
+        for method in methods:
+            for s in sparsities:
                 plan.append((method, s, calibrate(model, method=method, sparsity=s, tokens=cal, progress=False,
                                                   passes=1 if "8b" in name else 2)))
-        modes = [("graph", True, False, False)]
-        if sweep:
-            modes.append(("graph, gather-first kernel", True, False, True))
-        else:
-            modes.append(("eager", False, False, False))
-        if compile:
-            modes.append(("compiled graph", True, True, False))
-        from actscope.sparsify import triton_kernel as tk
-
         for batch in batches:
-            prompt = torch.randint(0, vocab, (batch, 32), generator=gen).cuda()
-            for mode, graph, comp, gather in modes:
-                tk.GATHER = gather
+            prompt = torch.randint(0, vocab, (batch, 32), generator=gen).to(DEVICE)
+            for label, words, only in variants:
+                if only is not None and only != batch:
+                    continue
+                graph, comp = "eager" not in words and DEVICE == "cuda", "compiled" in words and DEVICE == "cuda"
+                use_variant(words, tiles)
                 dense_dec = StaticDecoder(model, batch, prompt.shape[1] + n_new, cuda_graph=graph, compile=comp)
                 decode_rate(dense_dec, prompt, n_new)  # capture / warm-up
                 for method, s, config in plan:
-                    if mode != "graph" and s != 0.5:
+                    if words & {"eager", "compiled"} and s != 0.5:
                         continue  # eager decoding is launch-bound, compiling is slow: one point each
                     dense = decode_rate(dense_dec, prompt, n_new)
                     with torch.inference_mode(), apply(model, config) as handle:
@@ -155,47 +194,69 @@ def decode_table(names: list[str], quick: bool, compile: bool = False, batches: 
                         rate = decode_rate(dec, prompt, n_new)
                         achieved = handle.achieved()["overall"]
                         del dec
-                    r = dict(model=name, batch=batch, graph=graph, compiled=comp, gather=gather, method=method,
-                             target=s, achieved=achieved, dense_tok_s=dense, tok_s=rate, ratio=rate / dense)
+                    r = dict(model=name, batch=batch, variant=label, graph=graph, compiled=comp,
+                             gather="gather" in words, method=method, target=s, achieved=achieved, new_tokens=n_new,
+                             dense_tok_s=dense, tok_s=rate, ratio=rate / dense)
                     rows.append(r)
-                    print(f"{name} batch {batch} {mode} {method} {s:.0%}: {rate:7.1f} tok/s = {rate/dense:.2f}x "
+                    print(f"{name} batch {batch} {label} {method} {s:.0%}: {rate:7.1f} tok/s = {rate/dense:.2f}x "
                           f"dense ({dense:.1f}); achieved {achieved:.1%}", flush=True)
                 del dense_dec
-                tk.GATHER = False
+        use_variant(set(), None)
         del model
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--models", default=",".join(CONFIGS))
+    ap.add_argument("--models", default="smollm2-135m,llama-8b-shape")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also decode with StaticDecoder(compile=True) at 50%%")
     ap.add_argument("--sweep", action="store_true", help="issue 14's short check: TEAL 25-70%% with CUDA graphs, "
                     "the gather-first kernel at 50%%, 8B kernel shapes only")
     ap.add_argument("--batches", default="1", help="sequences decoded at once, e.g. 1,4")
+    ap.add_argument("--variants", default=None, help="decode variants, comma-separated, words joined by '+' "
+                    f"from {sorted(VARIANT_WORDS)}, '@B' for one batch size only (default: from --sweep/--compile)")
+    ap.add_argument("--tiles", default=None, help="tile settings from bench/sparsify_gpu_tune.py (its 'best')")
+    ap.add_argument("--sparsities", default=None, help="e.g. 0.5,0.7 (default 0.25,0.4,0.5,0.7)")
+    ap.add_argument("--methods", default=None, help="teal,wina (default; --sweep: teal)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens decoded (default 128; --sweep 32)")
     ap.add_argument("--out", default="bench/out/sparsify-gpu.json")
+    ap.add_argument("--dry-run", action="store_true", help="check this script on CPU: a tiny model, no graphs")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.dry_run:
+        DEVICE, args.models, args.skip_kernel = "cpu", "tiny", True
+    elif not torch.cuda.is_available():
         raise SystemExit("bench/sparsify_gpu.py needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    from actscope.sparsify import triton_kernel as tk
+
+    DEFAULT_TILES[:] = [dict(tk.GEMV), dict(tk.DOT)]
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run)"
+    print(f"{name}  torch {torch.__version__}", flush=True)
+    result = dict(device=name, torch=torch.__version__)
     result["kernel"] = [] if args.skip_kernel else kernel_table(args.quick, only_8b=args.sweep)
-    if args.compile:
+    if args.compile or (args.variants and "compiled" in args.variants):
         torch._dynamo.config.recompile_limit = 64  # one compiled step per configuration
+    spec = args.variants or ",".join(["graph", "graph+gather" if args.sweep else "eager"]
+                                     + (["compiled"] if args.compile else []))
+    tiles = json.loads(Path(args.tiles).read_text())["best"] if args.tiles else None
     batches = tuple(int(b) for b in args.batches.split(","))
-    result["decode"] = decode_table(args.models.split(","), args.quick, args.compile, batches, args.sweep)
+    sparsities = tuple(float(s) for s in args.sparsities.split(",")) if args.sparsities else SPARSITIES
+    methods = tuple(args.methods.split(",")) if args.methods else (("teal",) if args.sweep else ("teal", "wina"))
+    n_new = args.new_tokens or (32 if args.sweep else 128)
+    result["decode"] = decode_table(args.models.split(","), args.quick, parse_variants(spec), batches, sparsities,
+                                    methods, n_new, tiles)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print("\n| model | batch | steps | method | target | achieved | decode speed vs dense bf16 |\n|---|---|---|---|---|---|---|")
+    print("\n| model | batch | variant | method | target | achieved | new tokens | decode speed vs dense bf16 |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in result["decode"]:
-        steps = ("compiled + " if r["compiled"] else "") + ("CUDA graph" if r["graph"] else "eager")
-        steps += ", gather-first kernel" if r["gather"] else ""
-        print(f"| {r['model']} | {r['batch']} | {steps} | {r['method']} | {r['target']:.0%} | "
-              f"{r['achieved']:.1%} | {r['ratio']:.2f}x ({r['dense_tok_s']:.0f} tok/s dense) |")
+        print(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['method']} | {r['target']:.0%} | "
+              f"{r['achieved']:.1%} | {r['new_tokens']} | {r['ratio']:.2f}x ({r['dense_tok_s']:.0f} tok/s dense) |")
 
 
 if __name__ == "__main__":

@@ -154,11 +154,22 @@ def test_compiled_decode_matches_the_uncompiled_loop_in_one_graph(llama, cpp_wra
     torch._dynamo.reset()
 
 
-def test_cuda_graph_decode_matches_eager_decode(llama):
-    """On a GPU: replayed CUDA graphs give the eager loop's tokens, dense and sparse."""
+@pytest.mark.parametrize("variant", ["default", "one-launch+mask+prefetch"])
+def test_cuda_graph_decode_matches_eager_decode(llama, variant, monkeypatch):
+    """On a GPU: replayed CUDA graphs give the eager loop's tokens, dense and sparse; also with the
+    Triton variants that are off by default (one launch, whose workspace and semaphores a graph
+    captures; the one-kernel mask, used here by the prompt as every weight counts as big)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here")
+    from actscope.sparsify import swap
+    from actscope.sparsify import triton_kernel as tk
     from actscope.sparsify.decode import greedy_decode
+
+    if variant != "default":
+        monkeypatch.setattr(tk, "ONE_LAUNCH", True)
+        monkeypatch.setattr(tk, "FUSED_MASK", True)
+        monkeypatch.setitem(tk.GEMV, "PREFETCH", True)
+        monkeypatch.setattr(swap, "GPU_KERNEL_MIN_BYTES", 0)  # one row: the kernel; more: the masked path
 
     model = llama.to("cuda")
     try:

@@ -96,7 +96,17 @@ def masked(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = N
     than the torch ops on a 256-token prompt's rows; its plain scalar loop was slower, so a CPU without
     AVX2 keeps the torch ops); otherwise ``x * keep`` (``torch.where`` and ``masked_fill`` took
     3-4x as long on CPU). A dropped NaN becomes 0 in the C++ pass, as in the sparse kernels,
-    which never read a dropped input; torch's multiply keeps it NaN."""
+    which never read a dropped input; torch's multiply keeps it NaN. On CUDA with
+    ``ACTSCOPE_TRITON_MASK=1`` one Triton kernel does the same (``triton_kernel.masked_input``)."""
+    if x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
+        gpu = gpu_kernel()
+        if gpu is not None and gpu.FUSED_MASK and thresh.dtype == torch.float32:
+            try:
+                return gpu.masked_input(x, thresh, scale, counter)
+            except Exception as exc:  # as in sparse_linear: never break a user's run
+                warnings.warn(f"actscope: the Triton mask kernel failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                              "using torch ops from now on", RuntimeWarning, stacklevel=2)
+                gpu.FUSED_MASK = False
     cpu = cpu_kernel()
     if (cpu is not None and not x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and cpu.isa() != "scalar"
             and thresh.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)

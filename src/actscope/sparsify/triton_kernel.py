@@ -2,7 +2,7 @@
 
 Decoding multiplies 1-16 rows by a tall weight, so the work is split two ways (split-K): each
 program owns a block of output columns *and* a slice of the input dimension, and adds its
-partial sums into a float32 output with atomics. That keeps every SM busy, with enough loads in
+partial sums into a float32 buffer with atomics. That keeps every SM busy, with enough loads in
 flight to approach peak bandwidth, even when the output is narrow (a 4096-wide down projection
 is only 64 column blocks; an H100 has 132 SMs). One row (batch-1 decoding) is a GEMV done with
 multiply-and-sum; 2-16 rows go through one ``tl.dot`` on tensor cores.
@@ -15,17 +15,36 @@ float32. Kept-input counts go straight into the caller's counter from inside the
 measuring sparsity costs no extra launch (and the call stays capturable in a CUDA graph: no
 host synchronisation anywhere).
 
-``ACTSCOPE_TRITON_GATHER=1`` (or ``gather=True``) switches to a gather-first variant, still one
-launch: each program first compacts the kept channels of its input slice into a list (a prefix
-sum over the keep mask, written to a small scratch buffer), then loops over that list only, so
-its loop runs ``kept / BLOCK_K`` times instead of ``in / BLOCK_K`` and every weight load is a full
-block of kept rows. It is off by default until it is measured on a GPU (bench/gpu_check.sh);
-it is checked against the masked dense computation in Triton's CPU interpreter.
+Variants, each off by default until a GPU run measures it (bench/gpu_check.sh compares them side
+by side), each checked against the masked dense computation in Triton's CPU interpreter and
+compiled for sm_90 by the tests on any machine:
+
+- ``ACTSCOPE_TRITON_GATHER=1`` (or ``gather=True``): gather-first. Each program first compacts the
+  kept channels of its input slice into a list (a prefix sum over the keep mask, written to a
+  small scratch buffer), then loops over that list only, so every weight load is a full block
+  of kept rows.
+- ``ACTSCOPE_TRITON_ONE_LAUNCH=1``: one launch per call instead of three. By default the output
+  is a float32 buffer zeroed by a memset before the kernel and cast to the input's dtype by a
+  third kernel after it; on an 8B model that is 448 extra kernels per decode step. With this
+  flag the partial sums go to a persistent float32 workspace that is always left zeroed, each
+  column block counts its arriving input slices on a semaphore, and the last slice to arrive
+  reads the sums, adds the bias, writes the output in its dtype and zeroes the workspace again.
+  One workspace per device and output width, shared by the linears that run one after another
+  on a stream (calls on two streams at once would need two).
+- ``PREFETCH`` in the tile settings: load the next block of ``x`` while the current block's
+  weight rows are in flight, so a program's loop waits for one memory latency per step, not two
+  (the weight load depends on the keep mask, which depends on ``x``).
+- ``ACTSCOPE_TRITON_MASK=1``: the masked dense path (several rows on a big weight: the keep mask,
+  then cuBLAS) makes ``x * keep`` and counts the kept inputs in one kernel, not five.
+- ``ACTSCOPE_TRITON_TILES='{"GEMV": {"BLOCK_N": 128}}'``: tile settings (bench/sparsify_gpu.py
+  ``--tune`` prints the best it measured).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 
 import torch
 import triton
@@ -34,60 +53,107 @@ import triton.language as tl
 MAX_ROWS = 16
 # Tile sizes chosen on an H100 with CUDA graphs (bench/sparsify_gpu.py prints the result):
 # one row is a GEMV (multiply-and-sum, wide input blocks); 2-16 rows use tensor cores.
-GEMV = dict(BLOCK_N=64, BLOCK_K=128, SPLIT_PER_SM=16, num_warps=2, num_stages=3)
-DOT = dict(BLOCK_N=128, BLOCK_K=64, SPLIT_PER_SM=4, num_warps=4, num_stages=3)
+GEMV = dict(BLOCK_N=64, BLOCK_K=128, SPLIT_PER_SM=16, num_warps=2, num_stages=3, PREFETCH=False)
+DOT = dict(BLOCK_N=128, BLOCK_K=64, SPLIT_PER_SM=4, num_warps=4, num_stages=3, PREFETCH=False)
+MIN_BLOCK_N = 16  # the semaphores are sized for column blocks no narrower than this
 _sm_count: dict[int, int] = {}
-GATHER = os.environ.get("ACTSCOPE_TRITON_GATHER", "") == "1"  # the gather-first kernel (off by default)
+_workspaces: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") == "1"
+
+
+GATHER = _flag("ACTSCOPE_TRITON_GATHER")  # the gather-first kernel
+ONE_LAUNCH = _flag("ACTSCOPE_TRITON_ONE_LAUNCH")  # output written by the kernel itself
+FUSED_MASK = _flag("ACTSCOPE_TRITON_MASK")  # kernel.masked in one Triton kernel on CUDA
+
+
+def set_tiles(gemv: dict | None = None, dot: dict | None = None) -> None:
+    """Change the tile settings in place (keys as in ``GEMV`` / ``DOT``; unknown keys are refused)."""
+    for tiles, new in ((GEMV, gemv), (DOT, dot)):
+        unknown = set(new or {}) - set(tiles)
+        if unknown:
+            raise ValueError(f"unknown tile settings {sorted(unknown)}; known: {sorted(tiles)}")
+        tiles.update(new or {})
+    if min(GEMV["BLOCK_N"], DOT["BLOCK_N"]) < MIN_BLOCK_N:
+        raise ValueError(f"BLOCK_N must be at least {MIN_BLOCK_N}")
+
+
+def _tiles_from_env() -> None:
+    """``ACTSCOPE_TRITON_TILES``; a bad value is named in one warning and the defaults kept."""
+    text = os.environ.get("ACTSCOPE_TRITON_TILES")
+    if not text:
+        return
+    saved = dict(GEMV), dict(DOT)
+    try:
+        given = json.loads(text)
+        set_tiles(given.get("GEMV"), given.get("DOT"))
+    except (ValueError, AttributeError, TypeError) as exc:
+        GEMV.update(saved[0])
+        DOT.update(saved[1])
+        warnings.warn(f"actscope: ACTSCOPE_TRITON_TILES ignored ({exc}); expected JSON such as "
+                      '\'{"GEMV": {"BLOCK_N": 128}}\'', RuntimeWarning, stacklevel=2)
+
+
+_tiles_from_env()
 
 
 @triton.jit
-def _sparse_linear_kernel(
-    x_ptr, wt_ptr, bias_ptr, thresh_ptr, scale_ptr, y_ptr, counter_ptr,
-    rows, d_in, d_out, k_per_program,
-    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
-    COUNT: tl.constexpr, UPCAST: tl.constexpr, ONE_ROW: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+def _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, offs_k, row_ok, k_ok, d_in,
+               PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """One block of ``x`` [rows, k] and its keep mask ``|x| * scale > thresh``."""
+    x = tl.load(x_ptr + offs_r[:, None] * d_in + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    a = tl.abs(x.to(tl.float32))
+    if HAS_SCALE:
+        a = a * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)[None, :]
+    if PER_CHANNEL:
+        t = tl.load(thresh_ptr + offs_k, mask=k_ok, other=float("inf"))[None, :]
+    else:
+        t = tl.load(thresh_ptr)
+    return x, (a > t) & row_ok[:, None] & k_ok[None, :]
+
+
+@triton.jit
+def _accumulate(acc, x, keep, w, ONE_ROW: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc += (x * keep) @ w`` in float32."""
+    if ONE_ROW:  # a GEMV: multiply and sum in float32, no tensor-core tile to fill
+        xk = tl.where(keep, x.to(tl.float32), 0.0)  # [1, BLOCK_K]
+        acc += tl.sum(w.to(tl.float32) * tl.trans(xk), axis=0)[None, :]
+    else:
+        xk = tl.where(keep, x, 0.0).to(w.dtype)
+        if UPCAST:  # Triton's CPU interpreter multiplies bfloat16 as raw integers: do it in float32
+            acc += tl.dot(xk.to(tl.float32), w.to(tl.float32), out_dtype=tl.float32, input_precision="ieee")
+        elif IEEE:  # float32 in, float32 math: no TF32 rounding, so results match the CPU kernel
+            acc += tl.dot(xk, w, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            acc += tl.dot(xk, w, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _finish(acc, kept, y_ptr, ws_ptr, sem_ptr, bias_ptr, counter_ptr, offs_r, offs_n, row_ok, col_ok, rows, d_in,
+            d_out, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, ONE_LAUNCH: tl.constexpr):
+    """Add this program's partial sums to the output, and its kept count to the counter."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_r < rows
-    col_ok = offs_n < d_out
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    kept = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
-    k_start = pid_k * k_per_program
-    for k0 in range(0, k_per_program, BLOCK_K):  # plain-int bounds (Triton's interpreter needs them)
-        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < d_in
-        x = tl.load(x_ptr + offs_r[:, None] * d_in + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.abs(x.to(tl.float32))
-        if HAS_SCALE:
-            a = a * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)[None, :]
-        if PER_CHANNEL:
-            t = tl.load(thresh_ptr + offs_k, mask=k_ok, other=float("inf"))[None, :]
-        else:
-            t = tl.load(thresh_ptr)
-        keep = (a > t) & row_ok[:, None] & k_ok[None, :]
-        kept += keep.to(tl.int32)
-        any_keep = tl.max(keep.to(tl.int32), axis=0) > 0  # union over rows: read each kept row once
-        # masked-off lanes issue no memory traffic: a sparse input reads less of the weight
-        w = tl.load(wt_ptr + offs_k[:, None] * d_out + offs_n[None, :],
-                    mask=any_keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-        if ONE_ROW:  # a GEMV: multiply and sum in float32, no tensor-core tile to fill
-            xk = tl.where(keep, x.to(tl.float32), 0.0)  # [1, BLOCK_K]
-            acc += tl.sum(w.to(tl.float32) * tl.trans(xk), axis=0)[None, :]
-        else:
-            xk = tl.where(keep, x, 0.0).to(wt_ptr.dtype.element_ty)
-            if UPCAST:  # Triton's CPU interpreter multiplies bfloat16 as raw integers: do it in float32
-                acc += tl.dot(xk.to(tl.float32), w.to(tl.float32), out_dtype=tl.float32, input_precision="ieee")
-            elif IEEE:  # float32 in, float32 math: no TF32 rounding, so results match the CPU kernel
-                acc += tl.dot(xk, w, out_dtype=tl.float32, input_precision="ieee")
-            else:
-                acc += tl.dot(xk, w, out_dtype=tl.float32)
-    if HAS_BIAS:  # added by the first input slice only (masks, not branches, on program ids)
-        acc += tl.load(bias_ptr + offs_n, mask=col_ok & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)[None, :]
-    tl.atomic_add(y_ptr + offs_r[:, None] * d_out + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+    out = offs_r[:, None] * d_out + offs_n[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if ONE_LAUNCH:  # sums into the zeroed workspace; the last input slice to arrive writes y
+        tl.atomic_add(ws_ptr + out, acc, mask=ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the release below
+        arrived = tl.atomic_add(sem_ptr + pid_n, 1)  # acq_rel: sees the adds of the slices before it
+        if arrived == tl.num_programs(1) - 1:
+            total = tl.atomic_add(ws_ptr + out, tl.zeros_like(acc), mask=ok, sem="relaxed")  # read at L2
+            tl.store(ws_ptr + out, tl.zeros_like(acc), mask=ok)  # zeroed again for the next call
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out, total.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(sem_ptr + pid_n, 0)
+    else:
+        if HAS_BIAS:  # added by the first input slice only (masks, not branches, on program ids)
+            acc += tl.load(bias_ptr + offs_n, mask=col_ok & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(y_ptr + out, acc, mask=ok)
     if COUNT:  # each input slice is counted once, by the first column block
         one = tl.arange(0, 1)  # one-element tensors: scalar masks trip Triton's interpreter
         first = (one * 0 + pid_n) == 0
@@ -97,12 +163,55 @@ def _sparse_linear_kernel(
 
 
 @triton.jit
-def _gather_kernel(
-    x_ptr, wt_ptr, bias_ptr, thresh_ptr, scale_ptr, y_ptr, counter_ptr, idx_ptr,
+def _sparse_linear_kernel(
+    x_ptr, wt_ptr, bias_ptr, thresh_ptr, scale_ptr, y_ptr, counter_ptr, ws_ptr, sem_ptr,
     rows, d_in, d_out, k_per_program,
     HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
-    COUNT: tl.constexpr, UPCAST: tl.constexpr, ONE_ROW: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr, ONE_ROW: tl.constexpr, ONE_LAUNCH: tl.constexpr,
+    PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_r < rows
+    col_ok = offs_n < d_out
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    kept = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
+    k_start = tl.program_id(1) * k_per_program
+    if PREFETCH:  # the first block of x; the loop loads each next one ahead of its use
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x, keep = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, offs_k, row_ok, offs_k < d_in, d_in,
+                             PER_CHANNEL, HAS_SCALE)
+    for k0 in range(0, k_per_program, BLOCK_K):  # plain-int bounds (Triton's interpreter needs them)
+        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+        if not PREFETCH:
+            x, keep = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, offs_k, row_ok, offs_k < d_in, d_in,
+                                 PER_CHANNEL, HAS_SCALE)
+        kept += keep.to(tl.int32)
+        any_keep = tl.max(keep.to(tl.int32), axis=0) > 0  # union over rows: read each kept row once
+        # masked-off lanes issue no memory traffic: a sparse input reads less of the weight
+        w = tl.load(wt_ptr + offs_k[:, None] * d_out + offs_n[None, :],
+                    mask=any_keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if PREFETCH:  # the next block of x, loaded while these weight rows are in flight
+            nxt = offs_k + BLOCK_K
+            x_next, keep_next = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, nxt, row_ok,
+                                           (nxt < d_in) & (nxt < k_start + k_per_program), d_in,
+                                           PER_CHANNEL, HAS_SCALE)
+            acc = _accumulate(acc, x, keep, w, ONE_ROW, UPCAST, IEEE)
+            x, keep = x_next, keep_next
+        else:
+            acc = _accumulate(acc, x, keep, w, ONE_ROW, UPCAST, IEEE)
+    _finish(acc, kept, y_ptr, ws_ptr, sem_ptr, bias_ptr, counter_ptr, offs_r, offs_n, row_ok, col_ok, rows, d_in,
+            d_out, HAS_BIAS, COUNT, ONE_LAUNCH)
+
+
+@triton.jit
+def _gather_kernel(
+    x_ptr, wt_ptr, bias_ptr, thresh_ptr, scale_ptr, y_ptr, counter_ptr, ws_ptr, sem_ptr, idx_ptr,
+    rows, d_in, d_out, k_per_program,
+    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+    COUNT: tl.constexpr, UPCAST: tl.constexpr, ONE_ROW: tl.constexpr, ONE_LAUNCH: tl.constexpr,
+    PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Gather-first: compact the kept channels of this program's input slice, then read only them."""
     pid_n = tl.program_id(0)
@@ -118,16 +227,8 @@ def _gather_kernel(
     n_kept = tl.sum(tl.zeros((BLOCK_K,), dtype=tl.int32), axis=0)
     for k0 in range(0, k_per_program, BLOCK_K):
         offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < d_in
-        x = tl.load(x_ptr + offs_r[:, None] * d_in + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.abs(x.to(tl.float32))
-        if HAS_SCALE:
-            a = a * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)[None, :]
-        if PER_CHANNEL:
-            t = tl.load(thresh_ptr + offs_k, mask=k_ok, other=float("inf"))[None, :]
-        else:
-            t = tl.load(thresh_ptr)
-        keep = (a > t) & row_ok[:, None] & k_ok[None, :]
+        x, keep = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, offs_k, row_ok, offs_k < d_in, d_in,
+                             PER_CHANNEL, HAS_SCALE)
         kept += keep.to(tl.int32)
         any_keep = tl.max(keep.to(tl.int32), axis=0)
         pos = n_kept + tl.cumsum(any_keep, axis=0) - 1
@@ -140,37 +241,35 @@ def _gather_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_K)
         c_ok = offs_c < n_kept
         k = tl.load(scratch + offs_c, mask=c_ok, other=0)
-        x = tl.load(x_ptr + offs_r[:, None] * d_in + k[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        a = tl.abs(x.to(tl.float32))
-        if HAS_SCALE:
-            a = a * tl.load(scale_ptr + k, mask=c_ok, other=0.0)[None, :]
-        if PER_CHANNEL:
-            t = tl.load(thresh_ptr + k, mask=c_ok, other=float("inf"))[None, :]
-        else:
-            t = tl.load(thresh_ptr)
-        keep = (a > t) & row_ok[:, None] & c_ok[None, :]  # per row: the union brought it in
+        x, keep = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, k, row_ok, c_ok, d_in, PER_CHANNEL, HAS_SCALE)
         w = tl.load(wt_ptr + k[:, None] * d_out + offs_n[None, :], mask=c_ok[:, None] & col_ok[None, :], other=0.0,
                     eviction_policy="evict_first")
-        if ONE_ROW:
-            xk = tl.where(keep, x.to(tl.float32), 0.0)
-            acc += tl.sum(w.to(tl.float32) * tl.trans(xk), axis=0)[None, :]
-        else:
-            xk = tl.where(keep, x, 0.0).to(wt_ptr.dtype.element_ty)
-            if UPCAST:
-                acc += tl.dot(xk.to(tl.float32), w.to(tl.float32), out_dtype=tl.float32, input_precision="ieee")
-            elif IEEE:
-                acc += tl.dot(xk, w, out_dtype=tl.float32, input_precision="ieee")
-            else:
-                acc += tl.dot(xk, w, out_dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=col_ok & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)[None, :]
-    tl.atomic_add(y_ptr + offs_r[:, None] * d_out + offs_n[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+        acc = _accumulate(acc, x, keep, w, ONE_ROW, UPCAST, IEEE)  # per row: the union brought it in
+    _finish(acc, kept, y_ptr, ws_ptr, sem_ptr, bias_ptr, counter_ptr, offs_r, offs_n, row_ok, col_ok, rows, d_in,
+            d_out, HAS_BIAS, COUNT, ONE_LAUNCH)
+
+
+@triton.jit
+def _mask_kernel(x_ptr, out_ptr, thresh_ptr, scale_ptr, counter_ptr, n, d_in,
+                 PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = x * keep`` (a dropped input becomes 0) over ``x`` flattened, counting what is kept."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    a = tl.abs(x.to(tl.float32))
+    k = offs % d_in
+    if HAS_SCALE:
+        a = a * tl.load(scale_ptr + k, mask=ok, other=0.0)
+    if PER_CHANNEL:
+        t = tl.load(thresh_ptr + k, mask=ok, other=float("inf"))
+    else:
+        t = tl.load(thresh_ptr)
+    keep = (a > t) & ok
+    tl.store(out_ptr + offs, tl.where(keep, x, tl.zeros_like(x)), mask=ok)
     if COUNT:
         one = tl.arange(0, 1)
-        first = (one * 0 + pid_n) == 0
-        n_all = tl.sum(tl.sum(kept, axis=1), axis=0).to(tl.int64)
-        tl.atomic_add(counter_ptr + one, tl.zeros((1,), tl.int64) + n_all, mask=first)
-        tl.atomic_add(counter_ptr + 1 + one, tl.zeros((1,), tl.int64) + rows * d_in, mask=first & ((one * 0 + pid_k) == 0))
+        tl.atomic_add(counter_ptr + one, tl.zeros((1,), tl.int64) + tl.sum(keep.to(tl.int64), axis=0))
+        tl.atomic_add(counter_ptr + 1 + one, tl.zeros((1,), tl.int64) + n, mask=(one * 0 + tl.program_id(0)) == 0)
 
 
 def _split(d_in: int, d_out: int, device: torch.device, tiles: dict, split: int | None = None) -> tuple[int, int]:
@@ -188,22 +287,39 @@ def _split(d_in: int, d_out: int, device: torch.device, tiles: dict, split: int 
     return triton.cdiv(d_in, k_per), k_per
 
 
+def workspace(device: torch.device, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed float32 sums [MAX_ROWS * d_out] and int32 semaphores of the one-launch kernel.
+
+    Made once per device and output width and never freed, so a CUDA graph that captured its
+    address stays valid (``StaticDecoder`` warms up before capturing, which makes it)."""
+    key = (str(device), d_out)
+    if key not in _workspaces:
+        _workspaces[key] = (torch.zeros(MAX_ROWS * d_out, device=device, dtype=torch.float32),
+                            torch.zeros(triton.cdiv(d_out, MIN_BLOCK_N), device=device, dtype=torch.int32))
+    return _workspaces[key]
+
+
 def sparse_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, thresh: torch.Tensor,
                   scale: torch.Tensor, counter: torch.Tensor | None, split: int | None = None,
-                  gather: bool | None = None) -> torch.Tensor:
+                  gather: bool | None = None, one_launch: bool | None = None) -> torch.Tensor:
     """``(x * keep) @ wt + bias`` on CUDA for up to 16 rows (more rows: split by the caller).
 
     ``split`` forces the number of input slices (tests use it; by default the GPU is filled).
-    ``gather`` picks the gather-first kernel (default: ``ACTSCOPE_TRITON_GATHER=1``).
+    ``gather`` and ``one_launch`` pick those variants (defaults: the module's flags).
     """
     if x.shape[0] > MAX_ROWS:
-        return torch.cat([sparse_linear(x[i:i + MAX_ROWS], wt, bias, thresh, scale, counter, split, gather)
+        return torch.cat([sparse_linear(x[i:i + MAX_ROWS], wt, bias, thresh, scale, counter, split, gather, one_launch)
                           for i in range(0, x.shape[0], MAX_ROWS)])
     gather = GATHER if gather is None else gather
+    one_launch = ONE_LAUNCH if one_launch is None else one_launch
     x, wt = x.contiguous(), wt.contiguous()
     rows, d_in = x.shape
     d_out = wt.shape[1]
-    y = torch.zeros(rows, d_out, device=x.device, dtype=torch.float32)  # split-K partial sums add here
+    if one_launch:  # written whole by the kernel, in x's dtype
+        y = torch.empty(rows, d_out, device=x.device, dtype=x.dtype)
+        ws, sem = workspace(x.device, d_out)
+    else:  # split-K partial sums add here
+        y = ws = sem = torch.zeros(rows, d_out, device=x.device, dtype=torch.float32)
     tiles = GEMV if rows == 1 else DOT
     split, k_per = _split(d_in, d_out, x.device, tiles, split)
     count = counter is not None and counter.numel() == 2
@@ -215,10 +331,27 @@ def sparse_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, 
         extra = (torch.empty(grid[0] * grid[1] * k_per, device=x.device, dtype=torch.int32),)
     kern[grid](
         x, wt, bias if bias is not None else x, thresh, scale if scale.numel() else thresh, y,
-        counter if count else y, *extra, rows, d_in, d_out, k_per,
+        counter if count else y, ws, sem, *extra, rows, d_in, d_out, k_per,
         HAS_BIAS=bias is not None, PER_CHANNEL=thresh.numel() == d_in, HAS_SCALE=scale.numel() > 0,
         IEEE=x.dtype == torch.float32, COUNT=count, UPCAST=x.device.type != "cuda", ONE_ROW=rows == 1,
-        BLOCK_R=1 if rows == 1 else 16, BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"],
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        ONE_LAUNCH=one_launch, PREFETCH=tiles["PREFETCH"], BLOCK_R=1 if rows == 1 else 16,
+        BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"], num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
     )
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return y if one_launch or x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def masked_input(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None,
+                 counter: torch.Tensor | None, block: int = 1024) -> torch.Tensor:
+    """``x * keep`` in one launch (``kernel.masked``'s contract; a dropped NaN becomes 0)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n, d_in = x.numel(), x.shape[-1]
+    if n == 0:
+        return out
+    count = counter is not None and counter.numel() == 2
+    has_scale = scale is not None and scale.numel() > 0
+    _mask_kernel[(triton.cdiv(n, block),)](
+        x, out, thresh, scale if has_scale else thresh, counter if count else thresh, n, d_in,
+        PER_CHANNEL=thresh.numel() == d_in, HAS_SCALE=has_scale, COUNT=count, BLOCK=block)
+    return out

@@ -1,0 +1,193 @@
+"""Tune and compare the Triton sparse kernel's variants on this GPU, one Llama-8B layer at a time.
+
+    python bench/sparsify_gpu_tune.py [--out bench/out/gpu-tiles.json] [--layers 2]
+
+Each figure is one CUDA graph that runs the seven linears of ``--layers`` distinct layers (q, k,
+v, o, gate, up, down, each with its own random bfloat16 weight) in the order a decode step runs
+them, so the weights come from memory and not from L2 (an H200's L2 holds 50 MB, two 8B layers
+870 MB), and launch gaps between kernels count as they do in decoding. The graph is replayed
+several times; the median time per layer is printed, with its ratio to cuBLAS on the same
+inputs. Inputs are random; each linear's threshold is the target quantile of its input's |x|
+(a scalar threshold, as TEAL's), and kept inputs are counted, as ``apply`` does.
+
+1. One row (batch-1 decoding) at 50%: cuBLAS (the dense model's contiguous weights); the kernel
+   as ``apply`` runs it by default (a memset, the kernel, a cast); the one-launch kernel; then a
+   grid of GEMV tile settings with one launch, for the masked kernel and, at the best tiles,
+   the gather-first one. The best setting is written to ``--out`` (``bench/sparsify_gpu.py
+   --tiles`` reads it), and timed again at 70%.
+2. Four rows at 50% (batch-4 decoding, where the union of kept inputs is nearly everything):
+   cuBLAS; the masked dense path as ``apply`` runs it (torch ops for the mask, then cuBLAS on
+   the weight stored as W^T); the same with the one-kernel mask (``ACTSCOPE_TRITON_MASK``);
+   and the tensor-core kernel with one launch, over a few tile settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+LAYER_8B = [("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024), ("o", 4096, 4096),
+            ("gate", 4096, 14336), ("up", 4096, 14336), ("down", 14336, 4096)]
+# (BLOCK_N, BLOCK_K, num_warps): 32-128 weight values per thread per step
+GEMV_TILES = [(32, 128, 2), (32, 256, 2), (64, 64, 2), (64, 128, 2), (64, 128, 4), (64, 256, 4),
+              (128, 64, 2), (128, 64, 4), (128, 128, 4), (256, 64, 4)]
+SPLITS = (4, 8, 16, 32)
+DOT_TILES = [(64, 64, 4), (128, 64, 4), (128, 32, 4), (64, 128, 4), (256, 32, 8)]
+DEVICE = "cuda"  # --dry-run: "cpu", Triton's interpreter, shapes / 64, a short grid, wall-clock times
+
+
+def graph_ms(fn, reps: int = 9) -> float:
+    """Median ms of one replay of a CUDA graph of ``fn`` (warmed up off the capture stream first)."""
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
+def make_layers(n_layers: int, rows: int, sparsity: float, seed: int = 0) -> list[dict]:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    shrink = 1 if DEVICE == "cuda" else 64
+    items = []
+    for _, (name, d_in, d_out) in itertools.product(range(n_layers), LAYER_8B):
+        d_in, d_out = d_in // shrink, d_out // shrink
+        w = torch.randn(d_out, d_in, device=DEVICE, dtype=torch.bfloat16, generator=g) * 0.02
+        x = torch.randn(rows, d_in, device=DEVICE, dtype=torch.bfloat16, generator=g)
+        t = torch.quantile(x.float().abs().flatten(), sparsity).reshape(1)
+        items.append(dict(name=name, w=w, wt=w.t().contiguous(), x=x, t=t,
+                          counter=torch.zeros(2, dtype=torch.int64, device=DEVICE)))
+    return items
+
+
+def with_threshold(items: list[dict], sparsity: float) -> None:
+    for it in items:
+        it["t"] = torch.quantile(it["x"].float().abs().flatten(), sparsity).reshape(1)
+
+
+def time_layers(items: list[dict], call, n_layers: int) -> float:
+    return graph_ms(lambda: [call(it) for it in items]) / n_layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--out", default="bench/out/gpu-tiles.json")
+    ap.add_argument("--dry-run", action="store_true", help="check this script on CPU in Triton's interpreter")
+    args = ap.parse_args()
+    global DEVICE, GEMV_TILES, SPLITS, DOT_TILES
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
+        DEVICE, GEMV_TILES, SPLITS, DOT_TILES = "cpu", GEMV_TILES[:2], SPLITS[:1], DOT_TILES[:1]
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench/sparsify_gpu_tune.py needs a CUDA GPU")
+    from actscope.sparsify import kernel
+    from actscope.sparsify import triton_kernel as tk
+
+    n = args.layers
+    empty = torch.empty(0, device=DEVICE)
+    base_gemv, base_dot = dict(tk.GEMV), dict(tk.DOT)
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run, Triton interpreter)"
+    result: dict = dict(device=device, torch=torch.__version__, layers=n, rows=[])
+
+    def record(label: str, rows: int, sparsity: float, ms: float, dense: float, **extra) -> None:
+        result["rows"].append(dict(label=label, rows=rows, sparsity=sparsity, ms_per_layer=ms, dense_ms=dense,
+                                   speedup=dense / ms, **extra))
+        print(f"rows {rows} {sparsity:.0%} {label:<58} {ms * 1e3:8.1f} us/layer  {dense / ms:5.2f}x cuBLAS", flush=True)
+
+    def sparse(gather=False, one_launch=False):
+        return lambda it: tk.sparse_linear(it["x"], it["wt"], None, it["t"], empty, it["counter"],
+                                           gather=gather, one_launch=one_launch)
+
+    print(f"{result['device']}  torch {torch.__version__}; {n} Llama-8B-shaped layers per graph", flush=True)
+    # 1. one row
+    items = make_layers(n, 1, 0.5)
+    dense = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n)
+    record("cuBLAS", 1, 0.5, dense, dense)
+    record("kernel as apply runs it (memset, kernel, cast)", 1, 0.5, time_layers(items, sparse(), n), dense)
+    record("one launch", 1, 0.5, time_layers(items, sparse(one_launch=True), n), dense)
+    best = (float("inf"), None)
+    for (bn, bk, warps), prefetch, split in itertools.product(GEMV_TILES, (False, True), SPLITS):
+        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PREFETCH=prefetch, SPLIT_PER_SM=split)
+        tk.set_tiles(gemv=cfg)
+        try:
+            ms = time_layers(items, sparse(one_launch=True), n)
+        except Exception as exc:  # a setting this GPU cannot run (shared memory, registers): skip it
+            print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
+        record(f"one launch {cfg}", 1, 0.5, ms, dense, tiles=cfg)
+        if ms < best[0]:
+            best = (ms, cfg)
+    tk.set_tiles(gemv=best[1])
+    record("best tiles, one launch", 1, 0.5, best[0], dense, tiles=best[1])
+    best_gather = (float("inf"), None)
+    for split in SPLITS:
+        tk.set_tiles(gemv=dict(best[1], SPLIT_PER_SM=split))
+        ms = time_layers(items, sparse(gather=True, one_launch=True), n)
+        record(f"gather-first, one launch, best tiles, {split} per SM", 1, 0.5, ms, dense)
+        best_gather = min(best_gather, (ms, split), key=lambda p: p[0])
+    with_threshold(items, 0.7)
+    dense70 = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n)
+    for gather in (False, True):
+        tk.set_tiles(gemv=dict(best[1], SPLIT_PER_SM=best_gather[1] if gather else best[1]["SPLIT_PER_SM"]))
+        record(f"{'gather-first' if gather else 'masked'}, one launch, best tiles", 1, 0.7,
+               time_layers(items, sparse(gather=gather, one_launch=True), n), dense70)
+    tk.set_tiles(gemv=best[1])
+    del items
+    # 2. four rows
+    items = make_layers(n, 4, 0.5)
+    dense = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n)
+    record("cuBLAS", 4, 0.5, dense, dense)
+    record("cuBLAS on the weight stored as W^T (a transposed view)", 4, 0.5,
+           time_layers(items, lambda it: F.linear(it["x"], it["wt"].t()), n), dense)
+    for fused in (False, True):
+        tk.FUSED_MASK = fused
+        ms = time_layers(items, lambda it: F.linear(kernel.masked(it["x"], it["t"], None, it["counter"]), it["wt"].t()), n)
+        record(f"masked dense path, mask {'in one kernel' if fused else 'by torch ops'}", 4, 0.5, ms, dense)
+    tk.FUSED_MASK = False
+    best_dot = (float("inf"), None)
+    for (bn, bk, warps), split in itertools.product(DOT_TILES, (2, 4, 8)):
+        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, SPLIT_PER_SM=split)
+        tk.set_tiles(dot=cfg)
+        try:
+            ms = time_layers(items, sparse(one_launch=True), n)
+        except Exception as exc:
+            print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
+        record(f"tensor-core kernel, one launch {cfg}", 4, 0.5, ms, dense, tiles=cfg)
+        best_dot = min(best_dot, (ms, cfg), key=lambda p: p[0])
+    tk.set_tiles(gemv=base_gemv, dot=base_dot)
+    result["best"] = dict(GEMV=best[1], DOT=best_dot[1], gather_split_per_sm=best_gather[1])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"best: ACTSCOPE_TRITON_TILES='{json.dumps(dict(GEMV=best[1], DOT=best_dot[1]))}'  (written to {args.out})")
+
+
+if __name__ == "__main__":
+    main()
