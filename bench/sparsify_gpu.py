@@ -149,9 +149,7 @@ def use_variant(words: set[str], tiles: dict | None) -> None:
     if "tuned" in words:
         if not tiles:
             raise SystemExit("a 'tuned' variant needs --tiles (bench/sparsify_gpu_tune.py writes the file)")
-        tk.set_tiles(gemv=tiles.get("GEMV"), dot=tiles.get("DOT"))
-        if "gather" in words and tiles.get("gather_split_per_sm"):
-            tk.set_tiles(gemv=dict(SPLIT_PER_SM=tiles["gather_split_per_sm"]))
+        tk.set_tiles(gemv=tiles.get("GATHER" if "gather" in words else "GEMV"), dot=tiles.get("DOT"))
 
 
 def decode_table(names: list[str], quick: bool, variants: list, batches: tuple[int, ...] = (1,),

@@ -11,10 +11,12 @@ inputs. Inputs are random; each linear's threshold is the target quantile of its
 (a scalar threshold, as TEAL's), and kept inputs are counted, as ``apply`` does.
 
 1. One row (batch-1 decoding) at 50%: cuBLAS (the dense model's contiguous weights); the kernel
-   as ``apply`` runs it by default (a memset, the kernel, a cast); the one-launch kernel; then a
-   grid of GEMV tile settings with one launch, for the masked kernel and, at the best tiles,
-   the gather-first one. The best setting is written to ``--out`` (``bench/sparsify_gpu.py
-   --tiles`` reads it), and timed again at 70%.
+   as ``apply`` runs it by default (a memset, the kernel, a cast); the one-launch kernel; then,
+   all with one launch and each at 4-32 programs per SM: the general kernel at a few tile
+   sizes, the one-row kernel (``KERNEL: "gemv"``) with a 2-D accumulator at the tile sizes whose
+   loop has no barrier in the PTX, with and without prefetch, and the gather-first kernel. The
+   best settings are written to ``--out`` (``bench/sparsify_gpu.py --tiles`` reads them), and
+   timed again at 70%.
 2. Four rows at 50% (batch-4 decoding, where the union of kept inputs is nearly everything):
    cuBLAS; the masked dense path as ``apply`` runs it (torch ops for the mask, then cuBLAS on
    the weight stored as W^T); the same with the one-kernel mask (``ACTSCOPE_TRITON_MASK``);
@@ -36,9 +38,12 @@ import torch.nn.functional as F
 
 LAYER_8B = [("q", 4096, 4096), ("k", 4096, 1024), ("v", 4096, 1024), ("o", 4096, 4096),
             ("gate", 4096, 14336), ("up", 4096, 14336), ("down", 14336, 4096)]
-# (BLOCK_N, BLOCK_K, num_warps): 32-128 weight values per thread per step
-GEMV_TILES = [(32, 128, 2), (32, 256, 2), (64, 64, 2), (64, 128, 2), (64, 128, 4), (64, 256, 4),
-              (128, 64, 2), (128, 64, 4), (128, 128, 4), (256, 64, 4)]
+# (BLOCK_N, BLOCK_K, num_warps). The general kernel (KERNEL "masked"; its default is the first):
+MASKED_TILES = [(64, 128, 2), (32, 128, 2), (128, 64, 4), (128, 128, 4)]
+# the one-row kernel with a 2-D accumulator: settings whose loop has no barrier and no shuffle
+# in the sm_90 PTX (tests compile it; others move x between layouts through shared memory)
+GEMV_TILES = [(128, 64, 4), (256, 32, 4), (256, 64, 8), (128, 32, 4), (64, 64, 4), (64, 32, 2), (128, 32, 2),
+              (512, 16, 4)]
 SPLITS = (4, 8, 16, 32)
 DOT_TILES = [(64, 64, 4), (128, 64, 4), (128, 32, 4), (64, 128, 4), (256, 32, 8)]
 DEVICE = "cuda"  # --dry-run: "cpu", Triton's interpreter, shapes / 64, a short grid, wall-clock times
@@ -95,16 +100,40 @@ def time_layers(items: list[dict], call, n_layers: int) -> float:
     return graph_ms(lambda: [call(it) for it in items]) / n_layers
 
 
+def tune(items: list[dict], grid: list[dict], call, n_layers: int, record, dense: float, label: str,
+         rows: int = 1, splits: tuple[int, ...] = (), key: str = "gemv") -> tuple[float, dict | None]:
+    """Time ``call`` over one layer for every setting in ``grid`` x split; (best ms, its setting)."""
+    from actscope.sparsify import triton_kernel as tk
+
+    saved = dict(tk.GEMV), dict(tk.DOT)
+    best: tuple[float, dict | None] = (float("inf"), None)
+    for base, split in itertools.product(grid, splits or SPLITS):
+        cfg = dict(base, SPLIT_PER_SM=split)
+        tk.set_tiles(**{key: cfg})
+        try:
+            ms = time_layers(items, call, n_layers)
+        except Exception as exc:  # a setting this GPU cannot run (shared memory, registers): skip it
+            print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
+        finally:
+            tk.set_tiles(gemv=saved[0], dot=saved[1])
+        record(f"{label} {cfg}", rows, 0.5, ms, dense, tiles=cfg)
+        if ms < best[0]:
+            best = (ms, cfg)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--out", default="bench/out/gpu-tiles.json")
     ap.add_argument("--dry-run", action="store_true", help="check this script on CPU in Triton's interpreter")
     args = ap.parse_args()
-    global DEVICE, GEMV_TILES, SPLITS, DOT_TILES
+    global DEVICE, MASKED_TILES, GEMV_TILES, SPLITS, DOT_TILES
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported
-        DEVICE, GEMV_TILES, SPLITS, DOT_TILES = "cpu", GEMV_TILES[:2], SPLITS[:1], DOT_TILES[:1]
+        DEVICE, SPLITS = "cpu", SPLITS[:1]
+        MASKED_TILES, GEMV_TILES, DOT_TILES = MASKED_TILES[:1], GEMV_TILES[:1], DOT_TILES[:1]
     elif not torch.cuda.is_available():
         raise SystemExit("bench/sparsify_gpu_tune.py needs a CUDA GPU")
     from actscope.sparsify import kernel
@@ -132,33 +161,25 @@ def main() -> None:
     record("cuBLAS", 1, 0.5, dense, dense)
     record("kernel as apply runs it (memset, kernel, cast)", 1, 0.5, time_layers(items, sparse(), n), dense)
     record("one launch", 1, 0.5, time_layers(items, sparse(one_launch=True), n), dense)
-    best = (float("inf"), None)
-    for (bn, bk, warps), prefetch, split in itertools.product(GEMV_TILES, (False, True), SPLITS):
-        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, PREFETCH=prefetch, SPLIT_PER_SM=split)
-        tk.set_tiles(gemv=cfg)
-        try:
-            ms = time_layers(items, sparse(one_launch=True), n)
-        except Exception as exc:  # a setting this GPU cannot run (shared memory, registers): skip it
-            print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-            continue
-        record(f"one launch {cfg}", 1, 0.5, ms, dense, tiles=cfg)
-        if ms < best[0]:
-            best = (ms, cfg)
+    grid = [dict(KERNEL="masked", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, PREFETCH=False, ACC2D=False)
+            for bn, bk, w in MASKED_TILES]
+    grid += [dict(KERNEL="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, PREFETCH=pf, ACC2D=True)
+             for (bn, bk, w), pf in itertools.product(GEMV_TILES, (False, True))]
+    grid.append(dict(KERNEL="gemv", BLOCK_N=128, BLOCK_K=64, num_warps=4, PREFETCH=False, ACC2D=False))
+    best = tune(items, grid, sparse(one_launch=True), n, record, dense, "one launch")
     tk.set_tiles(gemv=best[1])
     record("best tiles, one launch", 1, 0.5, best[0], dense, tiles=best[1])
-    best_gather = (float("inf"), None)
-    for split in SPLITS:
-        tk.set_tiles(gemv=dict(best[1], SPLIT_PER_SM=split))
-        ms = time_layers(items, sparse(gather=True, one_launch=True), n)
-        record(f"gather-first, one launch, best tiles, {split} per SM", 1, 0.5, ms, dense)
-        best_gather = min(best_gather, (ms, split), key=lambda p: p[0])
+    tk.set_tiles(gemv=base_gemv)
+    gather_grid = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in MASKED_TILES]
+    best_gather = tune(items, gather_grid, sparse(gather=True, one_launch=True), n, record, dense,
+                       "gather-first, one launch")
     with_threshold(items, 0.7)
     dense70 = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n)
-    for gather in (False, True):
-        tk.set_tiles(gemv=dict(best[1], SPLIT_PER_SM=best_gather[1] if gather else best[1]["SPLIT_PER_SM"]))
-        record(f"{'gather-first' if gather else 'masked'}, one launch, best tiles", 1, 0.7,
+    for gather, tiles in ((False, best[1]), (True, best_gather[1])):
+        tk.set_tiles(gemv=tiles)
+        record(f"{'gather-first' if gather else 'best'}, one launch, best tiles", 1, 0.7,
                time_layers(items, sparse(gather=gather, one_launch=True), n), dense70)
-    tk.set_tiles(gemv=best[1])
+        tk.set_tiles(gemv=base_gemv)
     del items
     # 2. four rows
     items = make_layers(n, 4, 0.5)
@@ -171,22 +192,15 @@ def main() -> None:
         ms = time_layers(items, lambda it: F.linear(kernel.masked(it["x"], it["t"], None, it["counter"]), it["wt"].t()), n)
         record(f"masked dense path, mask {'in one kernel' if fused else 'by torch ops'}", 4, 0.5, ms, dense)
     tk.FUSED_MASK = False
-    best_dot = (float("inf"), None)
-    for (bn, bk, warps), split in itertools.product(DOT_TILES, (2, 4, 8)):
-        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, SPLIT_PER_SM=split)
-        tk.set_tiles(dot=cfg)
-        try:
-            ms = time_layers(items, sparse(one_launch=True), n)
-        except Exception as exc:
-            print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-            continue
-        record(f"tensor-core kernel, one launch {cfg}", 4, 0.5, ms, dense, tiles=cfg)
-        best_dot = min(best_dot, (ms, cfg), key=lambda p: p[0])
+    dot_grid = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in DOT_TILES]
+    best_dot = tune(items, dot_grid, sparse(one_launch=True), n, record, dense, "tensor-core kernel, one launch",
+                    rows=4, splits=(2, 4, 8), key="dot")
     tk.set_tiles(gemv=base_gemv, dot=base_dot)
-    result["best"] = dict(GEMV=best[1], DOT=best_dot[1], gather_split_per_sm=best_gather[1])
+    result["best"] = dict(GEMV=best[1], DOT=best_dot[1], GATHER=best_gather[1])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"best: ACTSCOPE_TRITON_TILES='{json.dumps(dict(GEMV=best[1], DOT=best_dot[1]))}'  (written to {args.out})")
+    print(f"best: ACTSCOPE_TRITON_TILES='{json.dumps(dict(GEMV=best[1], DOT=best_dot[1]))}'; gather-first: "
+          f"{json.dumps(best_gather[1])}  (written to {args.out})")
 
 
 if __name__ == "__main__":

@@ -154,11 +154,12 @@ def test_compiled_decode_matches_the_uncompiled_loop_in_one_graph(llama, cpp_wra
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("variant", ["default", "one-launch+mask+prefetch"])
+@pytest.mark.parametrize("variant", ["default", "one-launch+mask+gemv"])
 def test_cuda_graph_decode_matches_eager_decode(llama, variant, monkeypatch):
     """On a GPU: replayed CUDA graphs give the eager loop's tokens, dense and sparse; also with the
     Triton variants that are off by default (one launch, whose workspace and semaphores a graph
-    captures; the one-kernel mask, used here by the prompt as every weight counts as big)."""
+    captures; the one-kernel mask, used here by the prompt as every weight counts as big; the
+    one-row kernel with prefetch and a 2-D accumulator)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here")
     from actscope.sparsify import swap
@@ -168,7 +169,8 @@ def test_cuda_graph_decode_matches_eager_decode(llama, variant, monkeypatch):
     if variant != "default":
         monkeypatch.setattr(tk, "ONE_LAUNCH", True)
         monkeypatch.setattr(tk, "FUSED_MASK", True)
-        monkeypatch.setitem(tk.GEMV, "PREFETCH", True)
+        for key, value in dict(KERNEL="gemv", PREFETCH=True, ACC2D=True).items():
+            monkeypatch.setitem(tk.GEMV, key, value)
         monkeypatch.setattr(swap, "GPU_KERNEL_MIN_BYTES", 0)  # one row: the kernel; more: the masked path
 
     model = llama.to("cuda")

@@ -31,9 +31,15 @@ compiled for sm_90 by the tests on any machine:
   reads the sums, adds the bias, writes the output in its dtype and zeroes the workspace again.
   One workspace per device and output width, shared by the linears that run one after another
   on a stream (calls on two streams at once would need two).
-- ``PREFETCH`` in the tile settings: load the next block of ``x`` while the current block's
-  weight rows are in flight, so a program's loop waits for one memory latency per step, not two
-  (the weight load depends on the keep mask, which depends on ``x``).
+- ``"KERNEL": "gemv"`` in the GEMV tiles: one row goes to ``_gemv_kernel``, which holds ``x`` as
+  a 1-D vector in the layout of the weight tile's rows. The general kernel's [1, BLOCK_K] row
+  is moved between layouts through shared memory, with barriers, on every step of its loop
+  (visible in the PTX: 8 barriers and 16 shuffles per step). Its options: ``"ACC2D": true``
+  keeps a [BLOCK_K, BLOCK_N] float32 accumulator and sums it over the input once, after the
+  loop, instead of on every step; ``"PREFETCH": true`` loads the next block of ``x`` while this
+  block's weight rows are in flight (the weight load depends on the keep mask, which depends on
+  ``x``, so otherwise each step waits for two memory latencies in a row; Triton pipelines only
+  loads that feed ``tl.dot``).
 - ``ACTSCOPE_TRITON_MASK=1``: the masked dense path (several rows on a big weight: the keep mask,
   then cuBLAS) makes ``x * keep`` and counts the kept inputs in one kernel, not five.
 - ``ACTSCOPE_TRITON_TILES='{"GEMV": {"BLOCK_N": 128}}'``: tile settings (bench/sparsify_gpu.py
@@ -53,8 +59,9 @@ import triton.language as tl
 MAX_ROWS = 16
 # Tile sizes chosen on an H100 with CUDA graphs (bench/sparsify_gpu.py prints the result):
 # one row is a GEMV (multiply-and-sum, wide input blocks); 2-16 rows use tensor cores.
-GEMV = dict(BLOCK_N=64, BLOCK_K=128, SPLIT_PER_SM=16, num_warps=2, num_stages=3, PREFETCH=False)
-DOT = dict(BLOCK_N=128, BLOCK_K=64, SPLIT_PER_SM=4, num_warps=4, num_stages=3, PREFETCH=False)
+GEMV = dict(BLOCK_N=64, BLOCK_K=128, SPLIT_PER_SM=16, num_warps=2, num_stages=3,
+            KERNEL="masked", PREFETCH=False, ACC2D=False)  # the last three: one row only, see _gemv_kernel
+DOT = dict(BLOCK_N=128, BLOCK_K=64, SPLIT_PER_SM=4, num_warps=4, num_stages=3)
 MIN_BLOCK_N = 16  # the semaphores are sized for column blocks no narrower than this
 _sm_count: dict[int, int] = {}
 _workspaces: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -168,7 +175,7 @@ def _sparse_linear_kernel(
     rows, d_in, d_out, k_per_program,
     HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
     COUNT: tl.constexpr, UPCAST: tl.constexpr, ONE_ROW: tl.constexpr, ONE_LAUNCH: tl.constexpr,
-    PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
@@ -178,31 +185,81 @@ def _sparse_linear_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     kept = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
     k_start = tl.program_id(1) * k_per_program
-    if PREFETCH:  # the first block of x; the loop loads each next one ahead of its use
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        x, keep = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, offs_k, row_ok, offs_k < d_in, d_in,
-                             PER_CHANNEL, HAS_SCALE)
     for k0 in range(0, k_per_program, BLOCK_K):  # plain-int bounds (Triton's interpreter needs them)
         offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-        if not PREFETCH:
-            x, keep = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, offs_k, row_ok, offs_k < d_in, d_in,
-                                 PER_CHANNEL, HAS_SCALE)
+        x, keep = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, offs_k, row_ok, offs_k < d_in, d_in,
+                             PER_CHANNEL, HAS_SCALE)
         kept += keep.to(tl.int32)
         any_keep = tl.max(keep.to(tl.int32), axis=0) > 0  # union over rows: read each kept row once
         # masked-off lanes issue no memory traffic: a sparse input reads less of the weight
         w = tl.load(wt_ptr + offs_k[:, None] * d_out + offs_n[None, :],
                     mask=any_keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-        if PREFETCH:  # the next block of x, loaded while these weight rows are in flight
-            nxt = offs_k + BLOCK_K
-            x_next, keep_next = _load_keep(x_ptr, thresh_ptr, scale_ptr, offs_r, nxt, row_ok,
-                                           (nxt < d_in) & (nxt < k_start + k_per_program), d_in,
-                                           PER_CHANNEL, HAS_SCALE)
-            acc = _accumulate(acc, x, keep, w, ONE_ROW, UPCAST, IEEE)
-            x, keep = x_next, keep_next
-        else:
-            acc = _accumulate(acc, x, keep, w, ONE_ROW, UPCAST, IEEE)
+        acc = _accumulate(acc, x, keep, w, ONE_ROW, UPCAST, IEEE)
     _finish(acc, kept, y_ptr, ws_ptr, sem_ptr, bias_ptr, counter_ptr, offs_r, offs_n, row_ok, col_ok, rows, d_in,
             d_out, HAS_BIAS, COUNT, ONE_LAUNCH)
+
+
+@triton.jit
+def _load_keep_row(x_ptr, thresh_ptr, scale_ptr, offs_k, k_ok, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """``_load_keep`` for one row, as 1-D vectors (the weight tile's row layout, so no shuffles)."""
+    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+    a = tl.abs(x.to(tl.float32))
+    if HAS_SCALE:
+        a = a * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
+    if PER_CHANNEL:
+        t = tl.load(thresh_ptr + offs_k, mask=k_ok, other=float("inf"))
+    else:
+        t = tl.load(thresh_ptr)
+    return x, (a > t) & k_ok
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, wt_ptr, bias_ptr, thresh_ptr, scale_ptr, y_ptr, counter_ptr, ws_ptr, sem_ptr,
+    rows, d_in, d_out, k_per_program,
+    HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr, COUNT: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr, PREFETCH: tl.constexpr, ACC2D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One row (``KERNEL: "gemv"``): ``x`` as a 1-D vector, so the keep mask is already in the
+    layout of the weight tile's rows (the general kernel's [1, BLOCK_K] row goes through shared
+    memory, with barriers, on every step). ``ACC2D`` sums over the input after the loop instead
+    of on every step; ``PREFETCH`` loads the next block of ``x`` while this block's weight rows
+    are in flight."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < d_out
+    k_start = tl.program_id(1) * k_per_program
+    k_end = tl.minimum(k_start + k_per_program, d_in)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if ACC2D:
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    kept = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    if PREFETCH:
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        x, keep = _load_keep_row(x_ptr, thresh_ptr, scale_ptr, offs_k, offs_k < k_end, PER_CHANNEL, HAS_SCALE)
+    for k0 in range(0, k_per_program, BLOCK_K):
+        offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+        if not PREFETCH:
+            x, keep = _load_keep_row(x_ptr, thresh_ptr, scale_ptr, offs_k, offs_k < k_end, PER_CHANNEL, HAS_SCALE)
+        kept += keep.to(tl.int32)
+        w = tl.load(wt_ptr + offs_k[:, None] * d_out + offs_n[None, :],
+                    mask=keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if PREFETCH:
+            nxt = offs_k + BLOCK_K
+            x_next, keep_next = _load_keep_row(x_ptr, thresh_ptr, scale_ptr, nxt, nxt < k_end, PER_CHANNEL, HAS_SCALE)
+        xk = tl.where(keep, x.to(tl.float32), 0.0)
+        if ACC2D:
+            acc2 += w.to(tl.float32) * xk[:, None]
+        else:
+            acc += tl.sum(w.to(tl.float32) * xk[:, None], axis=0)
+        if PREFETCH:
+            x, keep = x_next, keep_next
+    if ACC2D:
+        acc = tl.sum(acc2, axis=0)
+    offs_r = tl.arange(0, 1)
+    _finish(acc[None, :], kept[None, :], y_ptr, ws_ptr, sem_ptr, bias_ptr, counter_ptr, offs_r, offs_n,
+            offs_r < rows, col_ok, rows, d_in, d_out, HAS_BIAS, COUNT, ONE_LAUNCH)
 
 
 @triton.jit
@@ -211,7 +268,7 @@ def _gather_kernel(
     rows, d_in, d_out, k_per_program,
     HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
     COUNT: tl.constexpr, UPCAST: tl.constexpr, ONE_ROW: tl.constexpr, ONE_LAUNCH: tl.constexpr,
-    PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Gather-first: compact the kept channels of this program's input slice, then read only them."""
     pid_n = tl.program_id(0)
@@ -324,20 +381,21 @@ def sparse_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, 
     split, k_per = _split(d_in, d_out, x.device, tiles, split)
     count = counter is not None and counter.numel() == 2
     grid = (triton.cdiv(d_out, tiles["BLOCK_N"]), split)
-    extra = ()
-    kern = _sparse_linear_kernel
-    if gather:  # one list of kept channels per program
-        kern = _gather_kernel
-        extra = (torch.empty(grid[0] * grid[1] * k_per, device=x.device, dtype=torch.int32),)
-    kern[grid](
-        x, wt, bias if bias is not None else x, thresh, scale if scale.numel() else thresh, y,
-        counter if count else y, ws, sem, *extra, rows, d_in, d_out, k_per,
-        HAS_BIAS=bias is not None, PER_CHANNEL=thresh.numel() == d_in, HAS_SCALE=scale.numel() > 0,
-        IEEE=x.dtype == torch.float32, COUNT=count, UPCAST=x.device.type != "cuda", ONE_ROW=rows == 1,
-        ONE_LAUNCH=one_launch, PREFETCH=tiles["PREFETCH"], BLOCK_R=1 if rows == 1 else 16,
-        BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"], num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"],
-    )
+    args = [x, wt, bias if bias is not None else x, thresh, scale if scale.numel() else thresh, y,
+            counter if count else y, ws, sem]
+    flags = dict(HAS_BIAS=bias is not None, PER_CHANNEL=thresh.numel() == d_in, HAS_SCALE=scale.numel() > 0,
+                 COUNT=count, ONE_LAUNCH=one_launch, BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"],
+                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    if rows == 1 and not gather and tiles.get("KERNEL") == "gemv":
+        kern = _gemv_kernel
+        flags.update(PREFETCH=tiles["PREFETCH"], ACC2D=tiles["ACC2D"])
+    else:
+        kern = _gather_kernel if gather else _sparse_linear_kernel
+        flags.update(IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda", ONE_ROW=rows == 1,
+                     BLOCK_R=1 if rows == 1 else 16)
+        if gather:  # one list of kept channels per program
+            args.append(torch.empty(grid[0] * grid[1] * k_per, device=x.device, dtype=torch.int32))
+    kern[grid](*args, rows, d_in, d_out, k_per, **flags)
     return y if one_launch or x.dtype == torch.float32 else y.to(x.dtype)
 
 
