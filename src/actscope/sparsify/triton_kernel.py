@@ -62,6 +62,9 @@ MAX_ROWS = 16
 GEMV = dict(BLOCK_N=64, BLOCK_K=128, SPLIT_PER_SM=16, num_warps=2, num_stages=3,
             KERNEL="masked", PREFETCH=False, ACC2D=False)  # the last three: one row only, see _gemv_kernel
 DOT = dict(BLOCK_N=128, BLOCK_K=64, SPLIT_PER_SM=4, num_warps=4, num_stages=3)
+# multiply-adds fused into FMAs, as Triton has always done by default; said explicitly, since
+# Triton 3.9 warns that its default turns to unfused in 3.10
+FP_FUSION = True
 MIN_BLOCK_N = 16  # the semaphores are sized for column blocks no narrower than this
 _sm_count: dict[int, int] = {}
 _workspaces: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -385,7 +388,7 @@ def sparse_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, 
             counter if count else y, ws, sem]
     flags = dict(HAS_BIAS=bias is not None, PER_CHANNEL=thresh.numel() == d_in, HAS_SCALE=scale.numel() > 0,
                  COUNT=count, ONE_LAUNCH=one_launch, BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"],
-                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], enable_fp_fusion=FP_FUSION)
     if rows == 1 and not gather and tiles.get("KERNEL") == "gemv":
         kern = _gemv_kernel
         flags.update(PREFETCH=tiles["PREFETCH"], ACC2D=tiles["ACC2D"])
@@ -411,5 +414,5 @@ def masked_input(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | No
     has_scale = scale is not None and scale.numel() > 0
     _mask_kernel[(triton.cdiv(n, block),)](
         x, out, thresh, scale if has_scale else thresh, counter if count else thresh, n, d_in,
-        PER_CHANNEL=thresh.numel() == d_in, HAS_SCALE=has_scale, COUNT=count, BLOCK=block)
+        PER_CHANNEL=thresh.numel() == d_in, HAS_SCALE=has_scale, COUNT=count, BLOCK=block, enable_fp_fusion=FP_FUSION)
     return out
