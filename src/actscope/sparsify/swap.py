@@ -15,7 +15,6 @@ neurons. On exit the original modules are put back, whatever happened inside.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -26,9 +25,9 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import SparsifyError
 from ..families import LINEAR_TYPES, linear_weight
 from ..hooks import hook_module
-from ..kvcache import cached_length
 from . import kernel
 from .config import SparsityConfig
+from .coreinfer import CoreState, core_neurons, prompt_detector
 from .group import FusedGroup, group_members
 from .layout import layer_modules
 
@@ -194,17 +193,6 @@ class SparseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {kind} threshold"
 
 
-@dataclass
-class _CoreState:
-    """CoreInfer's per-layer core neurons, chosen on the prompt and fixed while decoding."""
-
-    new_prompt: bool | None = None  # set by the model-level pre-hook; None: infer from the call
-    cores: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def is_prompt(self, x: torch.Tensor) -> bool:
-        return self.new_prompt if self.new_prompt is not None else x.dim() >= 2 and x.shape[-2] > 1
-
-
 class RowsLinear(nn.Module):
     """A gate or up projection that computes only the MLP neurons its activation will keep.
 
@@ -243,7 +231,7 @@ class SparseAct(nn.Module):
     """
 
     def __init__(self, act: nn.Module, method: str, target: float, thresh: torch.Tensor | None,
-                 token_fraction: float, state: "_CoreState"):
+                 token_fraction: float, state: "CoreState"):
         super().__init__()
         self.inner, self.method, self.target = act, method, target
         self.thresh = thresh
@@ -290,24 +278,6 @@ class SparseAct(nn.Module):
         return out * (core.unsqueeze(-2) if out.dim() == 3 else core).to(out.dtype)
 
 
-def core_neurons(act: torch.Tensor, keep_n: int, token_fraction: float) -> torch.Tensor:
-    """CoreInfer's sentence-level core neurons, per batch row: ``[batch, d]`` booleans.
-
-    Token-level cores are each token's top ``token_fraction`` of positive activations; the
-    sentence-level cores are the ``keep_n`` neurons that are token-level cores most often.
-    """
-    a = act.detach().float()
-    if a.dim() == 2:
-        a = a.unsqueeze(0)
-    d = a.shape[-1]
-    per_token = max(1, round(token_fraction * d))
-    idx = a.topk(per_token, dim=-1).indices
-    is_core = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True) & (a > 0)
-    counts = is_core.sum(dim=-2).float() + a.clamp(min=0).mean(dim=-2) / (a.abs().max() + 1)  # ties: mean act
-    chosen = counts.topk(keep_n, dim=-1).indices
-    return torch.zeros(a.shape[0], d, dtype=torch.bool, device=a.device).scatter_(-1, chosen, True)
-
-
 class SparsityHandle:
     """What ``apply`` yields: the swapped modules and the sparsity they actually achieved."""
 
@@ -327,7 +297,7 @@ class SparsityHandle:
             m.counter.zero_()
 
 
-def _plan(model: nn.Module, config: SparsityConfig, state: _CoreState) -> dict[str, nn.Module]:
+def _plan(model: nn.Module, config: SparsityConfig, state: CoreState) -> dict[str, nn.Module]:
     """The stand-in module for each sparsified path: linear layers and MLP activations."""
     modules = dict(model.named_modules())
     acts = {lm.act: lm for lm in layer_modules(model)}
@@ -375,7 +345,7 @@ def apply(model: nn.Module, config: SparsityConfig | str) -> Iterator[SparsityHa
     if config.is_dense:
         yield SparsityHandle({}, config)
         return
-    state = _CoreState()
+    state = CoreState()
     plan = _plan(model, config, state)
     shared_inputs = [paths for lm in layer_modules(model) for paths in lm.groups.values()]
     originals = {path: model.get_submodule(path) for path in plan}
@@ -384,7 +354,7 @@ def apply(model: nn.Module, config: SparsityConfig | str) -> Iterator[SparsityHa
     fused: list[FusedGroup] = []
     try:
         if config.method == "coreinfer":
-            handle = hook_module(model, _prompt_detector(state), when="before")
+            handle = hook_module(model, prompt_detector(state), when="before")
         for path, new in plan.items():
             _swap(model, path, new)
         if FUSE_GROUPS:
@@ -419,12 +389,3 @@ def _release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
             pass
-
-
-def _prompt_detector(state: _CoreState):
-    """A call without cached keys starts a new prompt: CoreInfer picks new core neurons then."""
-
-    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state.new_prompt = cached_length(kwargs) == 0
-
-    return pre
