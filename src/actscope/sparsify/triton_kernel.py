@@ -203,17 +203,23 @@ def _sparse_linear_kernel(
 
 
 @triton.jit
+def _keep_1d(x, thresh_ptr, scale_ptr, chan, ok, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """``|x| * scale > thresh`` for a 1-D ``x`` whose entries are input channels ``chan``."""
+    a = tl.abs(x.to(tl.float32))
+    if HAS_SCALE:
+        a = a * tl.load(scale_ptr + chan, mask=ok, other=0.0)
+    if PER_CHANNEL:
+        t = tl.load(thresh_ptr + chan, mask=ok, other=float("inf"))
+    else:
+        t = tl.load(thresh_ptr)
+    return (a > t) & ok
+
+
+@triton.jit
 def _load_keep_row(x_ptr, thresh_ptr, scale_ptr, offs_k, k_ok, PER_CHANNEL: tl.constexpr, HAS_SCALE: tl.constexpr):
     """``_load_keep`` for one row, as 1-D vectors (the weight tile's row layout, so no shuffles)."""
     x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
-    a = tl.abs(x.to(tl.float32))
-    if HAS_SCALE:
-        a = a * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0)
-    if PER_CHANNEL:
-        t = tl.load(thresh_ptr + offs_k, mask=k_ok, other=float("inf"))
-    else:
-        t = tl.load(thresh_ptr)
-    return x, (a > t) & k_ok
+    return x, _keep_1d(x, thresh_ptr, scale_ptr, offs_k, k_ok, PER_CHANNEL, HAS_SCALE)
 
 
 @triton.jit
@@ -316,15 +322,7 @@ def _mask_kernel(x_ptr, out_ptr, thresh_ptr, scale_ptr, counter_ptr, n, d_in,
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-    a = tl.abs(x.to(tl.float32))
-    k = offs % d_in
-    if HAS_SCALE:
-        a = a * tl.load(scale_ptr + k, mask=ok, other=0.0)
-    if PER_CHANNEL:
-        t = tl.load(thresh_ptr + k, mask=ok, other=float("inf"))
-    else:
-        t = tl.load(thresh_ptr)
-    keep = (a > t) & ok
+    keep = _keep_1d(x, thresh_ptr, scale_ptr, offs % d_in, ok, PER_CHANNEL, HAS_SCALE)
     tl.store(out_ptr + offs, tl.where(keep, x, tl.zeros_like(x)), mask=ok)
     if COUNT:
         one = tl.arange(0, 1)
