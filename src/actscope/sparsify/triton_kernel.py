@@ -34,7 +34,7 @@ compiled for sm_90 by the tests on any machine:
 - ``"KERNEL": "gemv"`` in the GEMV tiles: one row goes to ``_gemv_kernel``, which holds ``x`` as
   a 1-D vector in the layout of the weight tile's rows. The general kernel's [1, BLOCK_K] row
   is moved between layouts through shared memory, with barriers, on every step of its loop
-  (visible in the PTX: 8 barriers and 16 shuffles per step). Its options: ``"ACC2D": true``
+  (visible in the PTX: 8-12 barriers and 24-32 shuffles per step; bench/sparsify_gpu_ptx.py). Its options: ``"ACC2D": true``
   keeps a [BLOCK_K, BLOCK_N] float32 accumulator and sums it over the input once, after the
   loop, instead of on every step; ``"PREFETCH": true`` loads the next block of ``x`` while this
   block's weight rows are in flight (the weight load depends on the keep mask, which depends on
@@ -42,8 +42,8 @@ compiled for sm_90 by the tests on any machine:
   loads that feed ``tl.dot``).
 - ``ACTSCOPE_TRITON_MASK=1``: the masked dense path (several rows on a big weight: the keep mask,
   then cuBLAS) makes ``x * keep`` and counts the kept inputs in one kernel, not five.
-- ``ACTSCOPE_TRITON_TILES='{"GEMV": {"BLOCK_N": 128}}'``: tile settings (bench/sparsify_gpu.py
-  ``--tune`` prints the best it measured).
+- ``ACTSCOPE_TRITON_TILES='{"GEMV": {"KERNEL": "gemv", "ACC2D": true}}'``: tile settings
+  (``set_tiles`` in code; bench/sparsify_gpu_tune.py prints the best it measured).
 """
 
 from __future__ import annotations
