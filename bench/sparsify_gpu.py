@@ -141,9 +141,13 @@ def parse_variants(spec: str) -> list[tuple[str, set[str], int | None]]:
 
 
 def use_variant(words: set[str], tiles: dict | None) -> None:
-    """Set the Triton kernel's module flags and tiles for one decode variant (tk's defaults first)."""
+    """Set the Triton kernel's module flags and tiles for one decode variant (tk's defaults first).
+    A variant whose kernel failed earlier falls back to dense matmuls for good (``kernel.py``); each
+    variant starts with the kernel on again, and ``fell_back`` says whether it kept it."""
+    from actscope.sparsify import kernel
     from actscope.sparsify import triton_kernel as tk
 
+    kernel.gpu_kernel(retry=True)
     tk.set_tiles(gemv=DEFAULT_TILES[0], dot=DEFAULT_TILES[1])
     tk.GATHER, tk.ONE_LAUNCH, tk.FUSED_MASK = "gather" in words, "one-launch" in words, "mask" in words
     if "tuned" in words:
@@ -152,9 +156,17 @@ def use_variant(words: set[str], tiles: dict | None) -> None:
         tk.set_tiles(gemv=tiles.get("GATHER" if "gather" in words else "GEMV"), dot=tiles.get("DOT"))
 
 
+def fell_back(words: set[str]) -> bool:
+    """Whether the Triton kernel (or, for ``mask``, the mask kernel) failed and was switched off."""
+    from actscope.sparsify import kernel
+    from actscope.sparsify import triton_kernel as tk
+
+    return DEVICE == "cuda" and (kernel.gpu_kernel() is None or ("mask" in words and not tk.FUSED_MASK))
+
+
 def decode_table(names: list[str], quick: bool, variants: list, batches: tuple[int, ...] = (1,),
                  sparsities: tuple[float, ...] = SPARSITIES, methods: tuple[str, ...] = ("teal", "wina"),
-                 n_new: int = 128, tiles: dict | None = None) -> list[dict]:
+                 n_new: int = 128, tiles: dict | None = None, out=None) -> list[dict]:
     from actscope.data import TokenBatches
     from actscope.sparsify import StaticDecoder, apply, calibrate
 
@@ -194,10 +206,13 @@ def decode_table(names: list[str], quick: bool, variants: list, batches: tuple[i
                         del dec
                     r = dict(model=name, batch=batch, variant=label, graph=graph, compiled=comp,
                              gather="gather" in words, method=method, target=s, achieved=achieved, new_tokens=n_new,
-                             dense_tok_s=dense, tok_s=rate, ratio=rate / dense)
+                             dense_tok_s=dense, tok_s=rate, ratio=rate / dense, fell_back=fell_back(words))
                     rows.append(r)
                     print(f"{name} batch {batch} {label} {method} {s:.0%}: {rate:7.1f} tok/s = {rate/dense:.2f}x "
-                          f"dense ({dense:.1f}); achieved {achieved:.1%}", flush=True)
+                          f"dense ({dense:.1f}); achieved {achieved:.1%}"
+                          + ("; THE KERNEL FAILED: dense matmuls were timed" if r["fell_back"] else ""), flush=True)
+                    if out is not None:  # after every row, so a run cut off by a time limit keeps its rows
+                        out(rows)
                 del dense_dec
         use_variant(set(), None)
         del model
@@ -224,7 +239,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/sparsify-gpu.json")
     ap.add_argument("--dry-run", action="store_true", help="check this script on CPU: a tiny model, no graphs")
     args = ap.parse_args()
-    warnings.simplefilter("ignore")
+    warnings.simplefilter("ignore")  # transformers' and torch's notices, but not ours:
+    warnings.filterwarnings("default", message="actscope")  # a kernel that fails is printed
     global DEVICE
     if args.dry_run:
         DEVICE, args.models, args.skip_kernel = "cpu", "tiny", True
@@ -246,15 +262,20 @@ def main() -> None:
     sparsities = tuple(float(s) for s in args.sparsities.split(",")) if args.sparsities else SPARSITIES
     methods = tuple(args.methods.split(",")) if args.methods else (("teal",) if args.sweep else ("teal", "wina"))
     n_new = args.new_tokens or (32 if args.sweep else 128)
-    result["decode"] = decode_table(args.models.split(","), args.quick, parse_variants(spec), batches, sparsities,
-                                    methods, n_new, tiles)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+
+    def write(rows: list[dict]) -> None:
+        Path(args.out).write_text(json.dumps(dict(result, decode=rows), indent=1))
+
+    result["decode"] = decode_table(args.models.split(","), args.quick, parse_variants(spec), batches, sparsities,
+                                    methods, n_new, tiles, write)
+    write(result["decode"])
     print("\n| model | batch | variant | method | target | achieved | new tokens | decode speed vs dense bf16 |\n"
           "|---|---|---|---|---|---|---|---|")
     for r in result["decode"]:
         print(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['method']} | {r['target']:.0%} | "
-              f"{r['achieved']:.1%} | {r['new_tokens']} | {r['ratio']:.2f}x ({r['dense_tok_s']:.0f} tok/s dense) |")
+              f"{r['achieved']:.1%} | {r['new_tokens']} | {r['ratio']:.2f}x ({r['dense_tok_s']:.0f} tok/s dense)"
+              + (" kernel failed, dense timed |" if r["fell_back"] else " |"))
 
 
 if __name__ == "__main__":

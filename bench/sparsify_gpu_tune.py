@@ -8,7 +8,9 @@ them, so the weights come from memory and not from L2 (an H200's L2 holds 50 MB,
 870 MB), and launch gaps between kernels count as they do in decoding. The graph is replayed
 several times; the median time per layer is printed, with its ratio to cuBLAS on the same
 inputs. Inputs are random; each linear's threshold is the target quantile of its input's |x|
-(a scalar threshold, as TEAL's), and kept inputs are counted, as ``apply`` does.
+(a scalar threshold, as TEAL's), and kept inputs are counted, as ``apply`` does. After timing,
+every sparse variant's outputs for one layer are compared with the masked dense product; a
+setting that fails (or cannot run) is printed and skipped.
 
 1. One row (batch-1 decoding) at 50%: cuBLAS (the dense model's contiguous weights); the kernel
    as ``apply`` runs it by default (a memset, the kernel, a cast); the one-launch kernel; then,
@@ -96,8 +98,17 @@ def with_threshold(items: list[dict], sparsity: float) -> None:
         it["t"] = torch.quantile(it["x"].float().abs().flatten(), sparsity).reshape(1)
 
 
-def time_layers(items: list[dict], call, n_layers: int) -> float:
-    return graph_ms(lambda: [call(it) for it in items]) / n_layers
+def time_layers(items: list[dict], call, n_layers: int, check: bool = True) -> float:
+    """Ms per layer of ``call`` over ``items``; with ``check``, after timing, each of one layer's
+    outputs must equal the masked dense product (relative error under 2%), or ``ValueError``."""
+    ms = graph_ms(lambda: [call(it) for it in items]) / n_layers
+    for it in items[:len(LAYER_8B)] if check else ():
+        keep = it["x"].float().abs() > it["t"]
+        want = (it["x"].float() * keep) @ it["wt"].float()
+        err = float((call(it).float() - want).abs().max() / want.abs().max())
+        if not err < 2e-2:
+            raise ValueError(f"wrong output for {it['name']}: relative error {err:.1e}")
+    return ms
 
 
 def tune(items: list[dict], grid: list[dict], call, n_layers: int, record, dense: float, label: str,
@@ -112,7 +123,7 @@ def tune(items: list[dict], grid: list[dict], call, n_layers: int, record, dense
         tk.set_tiles(**{key: cfg})
         try:
             ms = time_layers(items, call, n_layers)
-        except Exception as exc:  # a setting this GPU cannot run (shared memory, registers): skip it
+        except Exception as exc:  # a setting this GPU cannot run (shared memory, registers) or gets wrong
             print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             continue
         finally:
@@ -150,6 +161,12 @@ def main() -> None:
                                    speedup=dense / ms, **extra))
         print(f"rows {rows} {sparsity:.0%} {label:<58} {ms * 1e3:8.1f} us/layer  {dense / ms:5.2f}x cuBLAS", flush=True)
 
+    def timed(items: list[dict], label: str, rows: int, sparsity: float, call, dense: float) -> None:
+        try:
+            record(label, rows, sparsity, time_layers(items, call, n), dense)
+        except Exception as exc:  # printed, and the rest still runs
+            print(f"rows {rows} {sparsity:.0%} {label:<58} FAILED: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
     def sparse(gather=False, one_launch=False):
         return lambda it: tk.sparse_linear(it["x"], it["wt"], None, it["t"], empty, it["counter"],
                                            gather=gather, one_launch=one_launch)
@@ -157,40 +174,38 @@ def main() -> None:
     print(f"{result['device']}  torch {torch.__version__}; {n} Llama-8B-shaped layers per graph", flush=True)
     # 1. one row
     items = make_layers(n, 1, 0.5)
-    dense = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n)
+    dense = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n, check=False)
     record("cuBLAS", 1, 0.5, dense, dense)
-    record("kernel as apply runs it (memset, kernel, cast)", 1, 0.5, time_layers(items, sparse(), n), dense)
-    record("one launch", 1, 0.5, time_layers(items, sparse(one_launch=True), n), dense)
+    timed(items, "kernel as apply runs it (memset, kernel, cast)", 1, 0.5, sparse(), dense)
+    timed(items, "one launch", 1, 0.5, sparse(one_launch=True), dense)
     grid = [dict(KERNEL="masked", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, PREFETCH=False, ACC2D=False)
             for bn, bk, w in MASKED_TILES]
     grid += [dict(KERNEL="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=w, PREFETCH=pf, ACC2D=True)
              for (bn, bk, w), pf in itertools.product(GEMV_TILES, (False, True))]
     grid.append(dict(KERNEL="gemv", BLOCK_N=128, BLOCK_K=64, num_warps=4, PREFETCH=False, ACC2D=False))
     best = tune(items, grid, sparse(one_launch=True), n, record, dense, "one launch")
-    tk.set_tiles(gemv=best[1])
     record("best tiles, one launch", 1, 0.5, best[0], dense, tiles=best[1])
-    tk.set_tiles(gemv=base_gemv)
     gather_grid = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in MASKED_TILES]
     best_gather = tune(items, gather_grid, sparse(gather=True, one_launch=True), n, record, dense,
                        "gather-first, one launch")
     with_threshold(items, 0.7)
-    dense70 = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n)
+    dense70 = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n, check=False)
     for gather, tiles in ((False, best[1]), (True, best_gather[1])):
         tk.set_tiles(gemv=tiles)
-        record(f"{'gather-first' if gather else 'best'}, one launch, best tiles", 1, 0.7,
-               time_layers(items, sparse(gather=gather, one_launch=True), n), dense70)
+        timed(items, f"{'gather-first' if gather else 'best'}, one launch, best tiles", 1, 0.7,
+              sparse(gather=gather, one_launch=True), dense70)
         tk.set_tiles(gemv=base_gemv)
     del items
     # 2. four rows
     items = make_layers(n, 4, 0.5)
-    dense = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n)
+    dense = time_layers(items, lambda it: F.linear(it["x"], it["w"]), n, check=False)
     record("cuBLAS", 4, 0.5, dense, dense)
     record("cuBLAS on the weight stored as W^T (a transposed view)", 4, 0.5,
-           time_layers(items, lambda it: F.linear(it["x"], it["wt"].t()), n), dense)
+           time_layers(items, lambda it: F.linear(it["x"], it["wt"].t()), n, check=False), dense)
     for fused in (False, True):
         tk.FUSED_MASK = fused
-        ms = time_layers(items, lambda it: F.linear(kernel.masked(it["x"], it["t"], None, it["counter"]), it["wt"].t()), n)
-        record(f"masked dense path, mask {'in one kernel' if fused else 'by torch ops'}", 4, 0.5, ms, dense)
+        timed(items, f"masked dense path, mask {'in one kernel' if fused else 'by torch ops'}", 4, 0.5,
+              lambda it: F.linear(kernel.masked(it["x"], it["t"], None, it["counter"]), it["wt"].t()), dense)
     tk.FUSED_MASK = False
     dot_grid = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn, bk, w in DOT_TILES]
     best_dot = tune(items, dot_grid, sparse(one_launch=True), n, record, dense, "tensor-core kernel, one launch",

@@ -277,7 +277,8 @@ for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.15)):
                 assert err < tol, (dtype, kind, rows, d_in, split, err)
                 assert counter.tolist() == ref_counter.tolist(), (kind, rows, counter, ref_counter)
                 if one_launch:  # the workspace is left as it was found: zeros
-                    ws, sem = tk.workspace(torch.device(dev), 70)
+                    ws, sem = tk.workspace(args[0].device, 70)
+                    assert ws is tk.workspace(torch.device(dev), 70)[0]  # "cuda" and "cuda:0": one buffer
                     assert not ws.any() and not sem.any(), (kind, rows, split)
                 # the masked dense path's input, in one kernel
                 counter = torch.zeros(2, dtype=torch.int64, device=dev)
@@ -427,7 +428,11 @@ def test_triton_tile_settings_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="unknown tile settings"):
         tk.set_tiles(gemv=dict(BLOCK_M=4))
     before = dict(tk.GEMV)
-    for bad in ("{not json", '{"GEMV": {"BLOCK_X": 1}}', '{"GEMV": {"BLOCK_N": 8}}', "[1]"):
+    with pytest.raises(ValueError, match="BLOCK_N must be"):  # nothing changes when one part is bad
+        tk.set_tiles(gemv=dict(BLOCK_N=256), dot=dict(BLOCK_N=8))
+    assert tk.GEMV == before
+    for bad in ("{not json", '{"GEMV": {"BLOCK_X": 1}}', '{"GEMV": {"BLOCK_N": 8}}', "[1]",
+                '{"GEMV": {"BLOCK_N": 256}, "DOT": {"BLOCK_X": 1}}', '{"GEMV": [["BLOCK_N", 256]]}'):
         monkeypatch.setenv("ACTSCOPE_TRITON_TILES", bad)
         with pytest.warns(RuntimeWarning, match="ACTSCOPE_TRITON_TILES ignored"):
             tk._tiles_from_env()

@@ -333,6 +333,7 @@ def test_paired_comparison_of_two_methods():
     assert set(ev.comparisons()) == {"b vs a", "c vs a", "d vs a"}
 
 
+@pytest.mark.filterwarnings("error:.*the Triton.*failed:RuntimeWarning")  # no silent fall-back to dense
 def test_sparse_decoding_on_cuda_matches_the_masked_dense_path(llama, monkeypatch):
     """End to end on a GPU: the Triton kernel path equals the masked dense computation."""
     if not torch.cuda.is_available():

@@ -60,9 +60,11 @@ def set_cpu_isa(name: str | None) -> None:
         kern.set_isa(name or "")
 
 
-def gpu_kernel() -> Any | None:
-    """The Triton kernel module when CUDA and Triton are present, else ``None``."""
-    if "gpu" not in _state:
+def gpu_kernel(retry: bool = False) -> Any | None:
+    """The Triton kernel module when CUDA and Triton are present, else ``None``. After a failure
+    (``sparse_linear`` warns and switches it off for the process) it stays ``None``, unless
+    ``retry`` (benchmarks that run one variant after another start each with the kernel on)."""
+    if retry or "gpu" not in _state:
         try:
             if not torch.cuda.is_available():
                 raise ImportError("no CUDA device")
@@ -107,10 +109,10 @@ def masked(x: torch.Tensor, thresh: torch.Tensor, scale: torch.Tensor | None = N
                 warnings.warn(f"actscope: the Triton mask kernel failed ({type(exc).__name__}: {str(exc)[:300]}); "
                               "using torch ops from now on", RuntimeWarning, stacklevel=2)
                 gpu.FUSED_MASK = False
-    cpu = cpu_kernel()
-    if (cpu is not None and not x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and cpu.isa() != "scalar"
-            and thresh.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.compiler.is_compiling()):
+    # the CPU kernel is looked up last: on CUDA it is never loaded (nor built) for this
+    if (not x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and thresh.dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+            and (cpu := cpu_kernel()) is not None and cpu.isa() != "scalar"):
         out = cpu.masked_input(x.reshape(-1, x.shape[-1]), thresh.reshape(-1),
                                scale if scale is not None else _EMPTY_F32,
                                counter if counter is not None else _EMPTY_I64)

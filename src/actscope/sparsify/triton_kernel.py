@@ -81,13 +81,14 @@ FUSED_MASK = _flag("ACTSCOPE_TRITON_MASK")  # kernel.masked in one Triton kernel
 
 def set_tiles(gemv: dict | None = None, dot: dict | None = None) -> None:
     """Change the tile settings in place (keys as in ``GEMV`` / ``DOT``; unknown keys are refused)."""
-    for tiles, new in ((GEMV, gemv), (DOT, dot)):
+    for tiles, new in ((GEMV, gemv), (DOT, dot)):  # check both before changing either
         unknown = set(new or {}) - set(tiles)
         if unknown:
             raise ValueError(f"unknown tile settings {sorted(unknown)}; known: {sorted(tiles)}")
-        tiles.update(new or {})
-    if min(GEMV["BLOCK_N"], DOT["BLOCK_N"]) < MIN_BLOCK_N:
-        raise ValueError(f"BLOCK_N must be at least {MIN_BLOCK_N}")
+        if (new or {}).get("BLOCK_N", MIN_BLOCK_N) < MIN_BLOCK_N:
+            raise ValueError(f"BLOCK_N must be at least {MIN_BLOCK_N}")
+    GEMV.update(gemv or {})
+    DOT.update(dot or {})
 
 
 def _tiles_from_env() -> None:
@@ -95,13 +96,10 @@ def _tiles_from_env() -> None:
     text = os.environ.get("ACTSCOPE_TRITON_TILES")
     if not text:
         return
-    saved = dict(GEMV), dict(DOT)
     try:
         given = json.loads(text)
-        set_tiles(given.get("GEMV"), given.get("DOT"))
+        set_tiles(given.get("GEMV"), given.get("DOT"))  # checks everything before changing anything
     except (ValueError, AttributeError, TypeError) as exc:
-        GEMV.update(saved[0])
-        DOT.update(saved[1])
         warnings.warn(f"actscope: ACTSCOPE_TRITON_TILES ignored ({exc}); expected JSON such as "
                       '\'{"GEMV": {"BLOCK_N": 128}}\'', RuntimeWarning, stacklevel=2)
 
@@ -350,6 +348,9 @@ def workspace(device: torch.device, d_out: int) -> tuple[torch.Tensor, torch.Ten
 
     Made once per device and output width and never freed, so a CUDA graph that captured its
     address stays valid (``StaticDecoder`` warms up before capturing, which makes it)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one buffer
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (str(device), d_out)
     if key not in _workspaces:
         _workspaces[key] = (torch.zeros(MAX_ROWS * d_out, device=device, dtype=torch.float32),
