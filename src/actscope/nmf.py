@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import ActscopeError
 from .store.reader import ActivationStore, open_store
+from .tensorfile import load_tensors
 
 FEATURES, CONFIG = "features.safetensors", "nmf.json"
 CHUNK_BYTES = 12 * 2**20
@@ -221,7 +222,7 @@ def load(folder: str | Path) -> SemiNMF:
         raise NMFError(f"{folder}: no {CONFIG} here (not a semi-NMF folder)")
     cfg = json.loads((folder / CONFIG).read_text())
     nmf = SemiNMF(**{k: cfg[k] for k in ("rank", "keep_share", "max_iter", "tol", "chunk_tokens", "seed")})
-    tensors = load_file(str(folder / FEATURES))
+    tensors = load_tensors(folder / FEATURES)
     nmf.features_ = tensors["features"]
     nmf.residual_ = tensors.get("residual")  # [d_model, rank] when fitted with a model
     nmf.site_, nmf.tokens_, nmf.codes_path_ = cfg["site"], cfg["tokens"], Path(cfg["codes"])

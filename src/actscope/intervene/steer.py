@@ -89,13 +89,13 @@ class SteeringVector:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "SteeringVector":
-        from safetensors.torch import load_file
+        from ..tensorfile import load_tensors
 
         folder = Path(folder)
         if str(folder).endswith(".gguf"):
             return cls.from_gguf(folder)
         try:
-            tensors = load_file(folder / "vectors.safetensors")
+            tensors = load_tensors(folder / "vectors.safetensors")
             config = json.loads((folder / "steering_config.json").read_text())
         except (OSError, ValueError) as exc:  # ValueError: bad JSON; safetensors raises its own errors too
             raise ActscopeError(f"{folder}: not a saved steering vector ({exc})".splitlines()[0]) from None

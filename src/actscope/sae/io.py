@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import __version__
+from ..tensorfile import load_tensors
 from .base import ARCHITECTURES, SAEError, SparseAutoencoder
 
 SAELENS_CFG, SAELENS_WEIGHTS, SAELENS_SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
@@ -98,7 +99,7 @@ def _load_saelens(folder: Path) -> SparseAutoencoder:
                        "fold the normalisation into the weights first")
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise SAEError(f"{folder}: rescale_acts_by_decoder_norm SAEs are not supported")
-    w = load_file(str(folder / SAELENS_WEIGHTS))
+    w = load_tensors(folder / SAELENS_WEIGHTS)
     ours_arch = ours.get("architecture") or {"standard": "relu", "transcoder": "relu", "topk": "topk",
                                               "jumprelu": "jumprelu", "jumprelu_transcoder": "jumprelu"}.get(arch)
     if ours_arch is None:
@@ -118,14 +119,14 @@ def _load_saelens(folder: Path) -> SparseAutoencoder:
     sae.set_fitted(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], site=site, target_site=target,
                    apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), extra=extra, meta=sae_meta)
     if (folder / SAELENS_SPARSITY).exists():
-        sae.log_density_ = load_file(str(folder / SAELENS_SPARSITY))["sparsity"]
+        sae.log_density_ = load_tensors(folder / SAELENS_SPARSITY)["sparsity"]
     return sae
 
 
 def _load_sparsify(folder: Path) -> SparseAutoencoder:
     """EleutherAI sparsify: ``encoder.weight`` [n, d_in] (transposed for us), ``W_dec`` [n, d_out]."""
     cfg = json.loads((folder / "cfg.json").read_text())
-    w = load_file(str(folder / "sae.safetensors"))
+    w = load_tensors(folder / "sae.safetensors")
     if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection") or "W_skip" in w:
         raise SAEError(f"{folder}: only sparsify TopK coders without a skip connection are supported")
     sae = _build("topk", {"k": cfg["k"], "n_latents": w["encoder.weight"].shape[0]})

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..store.reader import ActivationStore, open_store
+from ..tensorfile import load_tensors
 from .base import SAEError, SparseAutoencoder
 from .data import Batch, OutlierPolicy, _gather, epoch_order
 from .distributed import Group, Part, combine, my_slices
@@ -254,7 +255,7 @@ def _load_checkpoint(folder: Path, runs: list[_Run], fingerprint: str) -> int:
     if meta["fingerprint"] != fingerprint:
         raise SAEError(f"{folder.parent} holds a checkpoint of a different training run (other store, sites or "
                        "hyperparameters): use another --out, or delete it to start over")
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     for i, r in enumerate(runs):
         r.restore(i, tensors, meta["runs"][i])
     return int(meta["step"])

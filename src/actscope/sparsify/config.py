@@ -69,12 +69,12 @@ class SparsityConfig:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "SparsityConfig":
-        from safetensors.torch import load
+        from ..tensorfile import load_tensor_bytes
 
         folder = Path(folder)
         try:
             meta = json.loads((folder / CONFIG_FILE).read_text())
-            tensors = load((folder / TENSOR_FILE).read_bytes()) if (folder / TENSOR_FILE).exists() else {}
+            tensors = load_tensor_bytes((folder / TENSOR_FILE).read_bytes()) if (folder / TENSOR_FILE).exists() else {}
         except FileNotFoundError:
             raise SparsifyError(f"{folder}: no {CONFIG_FILE}; make one with `actscope sparsify calibrate`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
