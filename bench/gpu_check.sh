@@ -33,8 +33,10 @@ LOG="$OUT/gpu_check.log"
 echo "== CUDA tests" | tee -a "$LOG"
 timeout -k 10 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparsify.py tests/test_sparse_kernel.py tests/test_sparse_decoding.py tests/sae/test_sae_cuda.py \
   -k "cuda" 2>&1 | tee "$OUT/tests.log" | tail -20 | tee -a "$LOG"
+echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 echo "== bench/sparsify_gpu_tune.py: one 8B layer per graph, variants and tiles" | tee -a "$LOG"
 timeout -k 10 140 "$PY" bench/sparsify_gpu_tune.py --out "$OUT/gpu-tiles.json" 2>&1 | tee -a "$LOG"
+echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 TILES=()
 [ -s "$OUT/gpu-tiles.json" ] && TILES=(--tiles "$OUT/gpu-tiles.json")
 # batch 4 first, the compiled step last: what a time limit cuts is the slowest row. At batch 4 the
@@ -45,4 +47,5 @@ echo "== bench/sparsify_gpu.py, llama-8b-shape, bfloat16, TEAL 50/70%, batch 4 a
 timeout -k 10 270 "$PY" bench/sparsify_gpu.py --skip-kernel --models llama-8b-shape --batches 4,1 --methods teal \
   --sparsities 0.5,0.7 --new-tokens 128 "${TILES[@]}" --variants "$VARIANTS" \
   --out "$OUT/sparsify-gpu-8b.json" 2>&1 | grep -v "^Loading weights" | tee -a "$LOG"
+echo "exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 echo "== done (exit codes: tests and bench above; 124 = stage timed out)" | tee -a "$LOG"

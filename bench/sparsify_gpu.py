@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -153,7 +154,10 @@ def use_variant(words: set[str], tiles: dict | None) -> None:
     if "tuned" in words:
         if not tiles:
             raise SystemExit("a 'tuned' variant needs --tiles (bench/sparsify_gpu_tune.py writes the file)")
-        tk.set_tiles(gemv=tiles.get("GATHER" if "gather" in words else "GEMV"), dot=tiles.get("DOT"))
+        gemv = tiles.get("GATHER" if "gather" in words else "GEMV")
+        if gemv is None:
+            print(f"{'+'.join(sorted(words))}: the tuner found no working tiles; the defaults run", flush=True)
+        tk.set_tiles(gemv=gemv, dot=tiles.get("DOT"))
 
 
 def fell_back(words: set[str]) -> bool:
@@ -161,7 +165,9 @@ def fell_back(words: set[str]) -> bool:
     from actscope.sparsify import kernel
     from actscope.sparsify import triton_kernel as tk
 
-    return DEVICE == "cuda" and (kernel.gpu_kernel() is None or ("mask" in words and not tk.FUSED_MASK))
+    if DEVICE != "cuda" or os.environ.get("ACTSCOPE_NO_KERNEL"):  # off on purpose: nothing failed
+        return False
+    return kernel.gpu_kernel() is None or ("mask" in words and not tk.FUSED_MASK)
 
 
 def decode_table(names: list[str], quick: bool, variants: list, batches: tuple[int, ...] = (1,),
@@ -240,7 +246,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="check this script on CPU: a tiny model, no graphs")
     args = ap.parse_args()
     warnings.simplefilter("ignore")  # transformers' and torch's notices, but not ours:
-    warnings.filterwarnings("default", message="actscope")  # a kernel that fails is printed
+    warnings.filterwarnings("always", message="actscope")  # a kernel that fails is printed, every time
     global DEVICE
     if args.dry_run:
         DEVICE, args.models, args.skip_kernel = "cpu", "tiny", True

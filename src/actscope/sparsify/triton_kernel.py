@@ -358,6 +358,14 @@ def workspace(device: torch.device, d_out: int) -> tuple[torch.Tensor, torch.Ten
     return _workspaces[key]
 
 
+def zero_workspaces() -> None:
+    """Zero every one-launch workspace again: a kernel that stopped midway (an error, or a wrong
+    tile setting under test) can leave sums or semaphores behind, and the next call would add to them."""
+    for sums, semaphores in _workspaces.values():
+        sums.zero_()
+        semaphores.zero_()
+
+
 def sparse_linear(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, thresh: torch.Tensor,
                   scale: torch.Tensor, counter: torch.Tensor | None, split: int | None = None,
                   gather: bool | None = None, one_launch: bool | None = None) -> torch.Tensor:

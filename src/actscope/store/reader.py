@@ -203,11 +203,11 @@ class ActivationStore:
         return data
 
     def _tokens(self, name: str) -> torch.Tensor:
-        from ..tensorfile import load_tensor_bytes
+        from safetensors.torch import load
 
         data = self._token_bytes()
         try:
-            return load_tensor_bytes(data)[name]
+            return load(data)[name]
         except Exception as exc:
             raise StoreError(f"{self.loc.path(TOKENS)}: unreadable ({type(exc).__name__})") from None
 
