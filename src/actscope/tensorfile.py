@@ -7,8 +7,8 @@ resumed from its checkpoint drifted from the uninterrupted run depending on how 
 checkpoint's metadata happened to be. The artifacts we compute with (SAEs, training
 checkpoints, semi-NMF features, steering vectors, sparsity thresholds) load through here, and a
 tensor that is not 64-byte aligned gets its own aligned copy, as a fresh allocation would be.
-Store shards are read by ``store.reader`` as views, to stay memory-mapped; their readers copy
-what they compute with.
+Store shards do not come through here: ``store.reader`` keeps them memory-mapped views, and
+the same store read twice gives the same offsets (SAE training copies its batches anyway).
 """
 
 from __future__ import annotations
