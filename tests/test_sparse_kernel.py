@@ -420,6 +420,19 @@ def test_inputs_of_any_leading_shape_and_empty_ones(shape):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_triton_workspaces_are_shared_per_device_and_can_be_zeroed_again():
+    """One buffer per (device, width), whatever the device's spelling; zero_workspaces clears what
+    a kernel stopped midway would leave (the GPU tuner calls it after a failed setting)."""
+    from actscope.sparsify import triton_kernel as tk
+
+    sums, semaphores = tk.workspace("cpu", 48)
+    assert sums is tk.workspace(torch.device("cpu"), 48)[0] and sums.shape == (tk.MAX_ROWS * 48,)
+    sums.fill_(1.5)
+    semaphores.fill_(3)
+    tk.zero_workspaces()
+    assert not sums.any() and not semaphores.any()
+
+
 def test_triton_tile_settings_are_checked(monkeypatch):
     """Tiles from ACTSCOPE_TRITON_TILES or set_tiles: unknown keys are refused, bad JSON is named
     in one warning and the defaults stay."""
